@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each workload module has `run() -> list[Row]`; `python -m benchmarks`."""

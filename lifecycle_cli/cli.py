@@ -1,0 +1,176 @@
+"""`llmcycle`: the verb table and a small dispatcher.
+
+Each verb is a plain function named by a "module:function" string. Its signature and docstring are
+its flags and help (jsonargparse, LitGPT style: `--config FILE.yaml`, dotted flags such as
+`--train.lr` for dataclass parameters). A verb's module is imported only when that verb runs or its
+help is asked, so `llmcycle --help` and `llmcycle <verb> --help` never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lifecycle_cli import __version__
+from lifecycle_cli.errors import UserError
+
+PROG = "llmcycle"
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One entry of the verb table."""
+
+    help: str
+    """One line for `llmcycle --help`."""
+    target: str | None = None
+    """"module:function" that runs the verb; None while the verb has not landed."""
+    subverbs: dict[str, Verb] = field(default_factory=dict)
+    """For verbs like `convert to_hf`: the sub-verbs, each with its own target."""
+    issue: int | None = None
+    """The issue a verb that has not landed yet arrives with."""
+
+    @property
+    def available(self) -> bool:
+        return self.target is not None or bool(self.subverbs)
+
+
+VERBS: dict[str, Verb] = {
+    "download": Verb(
+        "Get a model from the Hugging Face Hub or a local HF folder; `download list` shows models.",
+        target="lifecycle_cli.commands.download:download",
+    ),
+    "pretrain": Verb("Pretrain a model on text, from scratch or from a checkpoint.", issue=4),
+    "finetune": Verb("Finetune a model on instructions or a task (full or LoRA).", issue=5),
+    "align": Verb("Align a model to preferences (DPO, IPO, SimPO, ORPO)."),
+    "evaluate": Verb("Measure a model: perplexity, multiple choice, exact match, ..."),
+    "chat": Verb("Talk to a model in the terminal.", issue=6),
+    "generate": Verb("Generate text from a prompt.", issue=6),
+    "serve": Verb("Serve a model over HTTP, OpenAI-compatible.", issue=7),
+    "convert": Verb(
+        "Convert a checkpoint folder to another format.",
+        subverbs={
+            "to_hf": Verb(
+                "Export a checkpoint as a Hugging Face folder that transformers loads.",
+                target="lifecycle_cli.commands.convert:to_hf",
+            ),
+        },
+    ),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `llmcycle` with `argv` (default: the command line); return the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(args, VERBS)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(args: list[str], table: dict[str, Verb], prefix: str = PROG) -> int:
+    """Find the verb named by `args[0]` in `table`, then run it (or a sub-verb) with the rest."""
+    if not args or args[0] in ("-h", "--help"):
+        print(_table_help(prefix, table), file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    if args[0] == "--version" and prefix == PROG:
+        print(f"{PROG} {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in table:
+        choices = ", ".join(table)
+        raise UserError(f"{prefix}: unknown verb {name!r} (choose from {choices})")
+    verb, prog = table[name], f"{prefix} {name}"
+    if verb.subverbs:
+        return dispatch(rest, verb.subverbs, prog)
+    wants_help = any(a in ("-h", "--help") for a in rest)
+    if verb.target is None:
+        if wants_help:
+            print(f"usage: {prog}\n\n{verb.help}\n\n{_not_available(verb)}")
+            return 0
+        print(f"{prog}: {_not_available(verb)}", file=sys.stderr)
+        return 2
+    return run_function(prog, _resolve(verb.target), rest, verb.help)
+
+
+def run_function(prog: str, fn: Callable[..., object], args: list[str], help: str = "") -> int:
+    """Parse `args` against `fn`'s signature (plus `--config`) and call it."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    leading = _leading_parameters(fn)
+    shorthand = " ".join(f"[{name.upper()}]" for name in leading)
+    description = f"{help}\n\nShorthand: `{prog} {shorthand} ...` sets --{', --'.join(leading)}."
+    parser = ArgumentParser(
+        prog=prog, description=description, formatter_class=_help_formatter(), exit_on_error=True
+    )
+    parser.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="A YAML file with values for these flags."
+    )
+    parser.add_function_arguments(fn, as_group=False)
+    cfg = parser.parse_args(_values_to_flags(leading, args))
+    cfg = parser.instantiate(cfg)  # dataclass parameters become instances
+    fn(**{key: value for key, value in vars(cfg).items() if key != "config"})
+    return 0
+
+
+def _leading_parameters(fn: Callable[..., object]) -> list[str]:
+    """The parameters a bare value may set: the first one, and any up to the last required one."""
+    params = list(inspect.signature(fn).parameters.values())
+    required = [i for i, p in enumerate(params) if p.default is inspect.Parameter.empty]
+    return [p.name for p in params[: max(required, default=0) + 1]]
+
+
+def _values_to_flags(names: list[str], args: list[str]) -> list[str]:
+    """`ckpt --out_dir d` -> `--checkpoint_dir ckpt --out_dir d`: values before the first flag
+    fill `names` in order, LitGPT style. Anything else is left for the parser to judge."""
+    flags: list[str] = []
+    while args and names and not args[0].startswith("-"):
+        flags += [f"--{names[0]}", args[0]]
+        names, args = names[1:], args[1:]
+    return flags + args
+
+
+def _help_formatter() -> type:
+    """jsonargparse's help layout, but keeping the description's line breaks."""
+    from argparse import RawDescriptionHelpFormatter
+
+    from jsonargparse import DefaultHelpFormatter
+
+    return type("HelpFormatter", (DefaultHelpFormatter, RawDescriptionHelpFormatter), {})
+
+
+def _resolve(target: str) -> Callable[..., object]:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _not_available(verb: Verb) -> str:
+    lands = f" (it lands with issue #{verb.issue})" if verb.issue else ""
+    return f"not available yet{lands}."
+
+
+def _table_help(prefix: str, table: dict[str, Verb]) -> str:
+    top = prefix == PROG
+    width = max(len(name) for name in table)
+    lines = [f"usage: {prefix} <verb> [flags]  (`{prefix} <verb> --help` for its flags)", ""]
+    if top:
+        lines += ["The whole life of a language model in one command-line tool.", ""]
+    lines.append("verbs:" if top else "sub-verbs:")
+    for name, verb in table.items():
+        note = "" if verb.available else "  [not available yet]"
+        lines.append(f"  {name:<{width}}  {verb.help}{note}")
+    if top:
+        lines += ["", "options:", "  -h, --help  show this help", "  --version   show the version"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

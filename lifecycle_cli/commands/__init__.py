@@ -1,0 +1,1 @@
+"""One thin module per verb: arguments in, library call, result out."""

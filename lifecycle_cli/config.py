@@ -1,0 +1,142 @@
+"""`Config`: one dataclass that describes every supported architecture.
+
+A model family is a set of values for these fields (see `zoo/`); `model.GPT` reads them and
+nothing else. No torch here: the CLI imports this module to build its help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from lifecycle_cli.errors import UserError
+
+CONFIG_FILE = "model_config.yaml"
+
+
+@dataclass
+class Config:
+    """The shape and behaviour of a decoder-only transformer.
+
+    Defaults describe a GPT-2-like model; families override what they need.
+    """
+
+    name: str = ""
+    # Hugging Face `model_type` this architecture is exported as (`convert to_hf`).
+    hf_model_type: Optional[str] = None
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_query_groups: Optional[int] = None  # None: n_head (multi-head); 1: multi-query
+    head_size: Optional[int] = None  # None: n_embd // n_head
+    intermediate_size: Optional[int] = None  # None: 4 * n_embd
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    # Gemma's RMSNorm multiplies by (1 + weight); the stored weight stays as published.
+    norm_unit_offset: bool = False
+    mlp: Literal["gelu", "swiglu", "geglu", "moe"] = "gelu"
+    gelu_approximate: Literal["none", "tanh"] = "none"
+    n_expert: int = 0
+    n_expert_per_token: int = 0
+    bias: bool = True  # biases of the attention and MLP linear layers
+    attn_bias: Optional[bool] = None  # biases of q/k/v only (Qwen2); None: same as `bias`
+    lm_head_bias: bool = False
+    tie_embeddings: bool = False
+    position_embedding: Literal["rope", "learned"] = "rope"
+    rope_base: float = 10000.0
+    rotary_percentage: float = 1.0  # share of each head rotated (Pythia: 0.25)
+    # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    #  "original_max_seq_len"} or {"type": "linear", "factor"}
+    rope_scaling: Optional[dict[str, Any]] = None
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(norm_1(x)) + mlp(norm_2(x))
+    post_attention_norm: bool = False  # Gemma 2: norm on the attention output
+    post_mlp_norm: bool = False  # Gemma 2: norm on the MLP output
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head's queries and keys
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(n_embd)
+    attention_scale: Optional[float] = None  # softmax scale; None: 1/sqrt(head_size)
+    attention_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    sliding_window: Optional[int] = None  # tokens a query sees (itself included)
+    # With a window: every `sliding_window_pattern`-th layer attends globally
+    # (Gemma 2: 2). 1: every layer uses the window (Mistral).
+    sliding_window_pattern: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.head_size is None:
+            if self.n_embd % self.n_head:
+                raise UserError(
+                    f"config {self.name!r}: n_embd={self.n_embd} is not divisible by "
+                    f"n_head={self.n_head}; set head_size"
+                )
+            self.head_size = self.n_embd // self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        if self.attn_bias is None:
+            self.attn_bias = self.bias
+        if self.n_head % self.n_query_groups:
+            raise UserError(
+                f"config {self.name!r}: n_head={self.n_head} is not a multiple of "
+                f"n_query_groups={self.n_query_groups}"
+            )
+        if self.mlp == "moe" and not 0 < self.n_expert_per_token <= self.n_expert:
+            raise UserError(
+                f"config {self.name!r}: mlp 'moe' needs 0 < n_expert_per_token <= n_expert"
+            )
+        if self.rope_scaling and self.rope_scaling.get("type") not in ("llama3", "linear"):
+            raise UserError(
+                f"config {self.name!r}: rope_scaling type {self.rope_scaling.get('type')!r} "
+                "is not supported (supported: llama3, linear)"
+            )
+
+    @property
+    def rope_n_elem(self) -> int:
+        """How many dimensions of each head RoPE rotates."""
+        return int(self.rotary_percentage * self.head_size)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.sliding_window_pattern == 1 or (layer + 1) % self.sliding_window_pattern != 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"{source}: unknown model config field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> Config:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise UserError(f"cannot read model config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: expected a mapping of config fields")
+        return cls.from_dict(values, source=str(path))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        """A named configuration from the zoo (`llmcycle download list` shows them)."""
+        from lifecycle_cli.zoo import named_config
+
+        return cls.from_dict({**named_config(name), **overrides}, source=f"model {name!r}")
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -1,0 +1,380 @@
+"""`GPT`: the one decoder-only transformer. Every behaviour is chosen by a `Config` field.
+
+Parameter names (what checkpoints store):
+    wte, wpe?, blocks.N.{norm_1, attn.{qkv, proj, q_norm?, k_norm?}, post_attention_norm?,
+    norm_2, mlp.{fc, proj | fc_1, fc_2, proj | gate, experts.E.{fc_1, fc_2, proj}},
+    post_mlp_norm?}, ln_f, lm_head
+`attn.qkv` holds the queries, keys and values stacked in that order along its output dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lifecycle_cli.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position_embedding == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        # Derived from the config, so not saved; float32 whatever the model's dtype.
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.max_seq_length = config.block_size
+        self.reset_parameters()
+
+    @property
+    def max_seq_length(self) -> int:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        """The longest sequence this model will see; sizes the RoPE tables."""
+        if value > self.config.block_size:
+            raise ValueError(
+                f"max_seq_length {value} exceeds the model's context of {self.config.block_size}"
+            )
+        self._max_seq_length = value
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables, e.g. after materialising a model built on `meta`."""
+        device = self.wte.weight.device
+        if self.config.position_embedding != "rope" or device.type == "meta":
+            self.rope_cos = self.rope_sin = None
+            return
+        self.rope_cos, self.rope_sin = rope_tables(self.config, self._max_seq_length, device)
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style initialisation, residual projections scaled down by depth."""
+        if self.wte.weight.device.type == "meta":
+            return
+        std = 0.02
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(".proj") else 1
+                nn.init.normal_(module.weight, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size).
+
+        Without `input_pos` this is a full causal pass over positions 0..T-1. With `input_pos`
+        (the positions of the T tokens, shape (T,)) keys and values go into the KV cache set by
+        `set_kv_cache`, and the tokens attend to everything cached before them.
+        """
+        T = idx.size(1)
+        if input_pos is None:
+            if T > self._max_seq_length:
+                raise ValueError(
+                    f"sequence of {T} tokens exceeds max_seq_length {self._max_seq_length}"
+                )
+            pos = torch.arange(T, device=idx.device)
+        else:
+            pos = input_pos
+        x = self.wte(idx)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        if self.config.position_embedding == "learned":
+            x = x + self.wpe(pos)
+        rope = None
+        if self.rope_cos is not None:
+            rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))
+        for block in self.blocks:
+            x = block(x, rope, input_pos)
+        logits = self.lm_head(self.ln_f(x))
+        if self.config.final_logit_softcapping is not None:
+            logits = softcap(logits, self.config.final_logit_softcapping)
+        return logits
+
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Preallocate a static KV cache for incremental decoding."""
+        max_seq_length = max_seq_length or self._max_seq_length
+        device = device or self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(self.config, batch_size, max_seq_length, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+
+class Block(nn.Module):
+    """One transformer layer.
+
+    Sequential residual (most families), the optional Gemma 2 norms in brackets:
+
+        x ─┬─ norm_1 ─ attn ─[post_attention_norm]─ + ─┬─ norm_2 ─ mlp ─[post_mlp_norm]─ + ─>
+           └───────────────────────────────────────────┘└─────────────────────────────────┘
+
+    Parallel residual (GPT-NeoX), both branches read the block's input:
+
+        x ─┬─ norm_1 ─ attn ─┐
+           ├─ norm_2 ─ mlp ──┼─ + ─>
+           └─────────────────┘
+    """
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.config = config
+        self.norm_1 = make_norm(config, config.n_embd)
+        self.attn = Attention(config, layer)
+        if config.post_attention_norm:
+            self.post_attention_norm = make_norm(config, config.n_embd)
+        self.norm_2 = make_norm(config, config.n_embd)
+        self.mlp = make_mlp(config)
+        if config.post_mlp_norm:
+            self.post_mlp_norm = make_norm(config, config.n_embd)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+        input_pos: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        a = self.attn(self.norm_1(x), rope, input_pos)
+        if self.config.post_attention_norm:
+            a = self.post_attention_norm(a)
+        if self.config.parallel_residual:
+            return x + a + self.mlp(self.norm_2(x))
+        x = x + a
+        m = self.mlp(self.norm_2(x))
+        if self.config.post_mlp_norm:
+            m = self.post_mlp_norm(m)
+        return x + m
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        self.config = config
+        self.n_head, self.n_kv, self.hs = config.n_head, config.n_query_groups, config.head_size
+        qkv_out = (self.n_head + 2 * self.n_kv) * self.hs
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.attn_bias)
+        self.proj = nn.Linear(self.n_head * self.hs, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.hs, config.norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(self.hs, config.norm_eps, config.norm_unit_offset)
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.scale = config.attention_scale or 1 / math.sqrt(self.hs)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+        input_pos: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            (self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs), dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        if input_pos is None:
+            q_pos = k_pos = torch.arange(T, device=x.device)
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call set_kv_cache first")
+            k, v = self.kv_cache.update(input_pos, k, v)
+            q_pos, k_pos = input_pos, torch.arange(k.size(2), device=x.device)
+        y = self.attend(q, k, v, q_pos, k_pos, causal_fast_path=input_pos is None)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
+
+    def attend(self, q, k, v, q_pos, k_pos, causal_fast_path: bool) -> torch.Tensor:
+        softcapping = self.config.attention_logit_softcapping
+        if softcapping is None and self.window is None and causal_fast_path:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_head
+            )
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if self.window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - self.window
+        if softcapping is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv != self.n_head
+            )
+        if self.n_kv != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        scores = softcap((q @ k.transpose(-2, -1)) * self.scale, softcapping)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values of one layer: (B, n_query_groups, max_len, hs)."""
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, config.n_query_groups, max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write the new keys/values at `input_pos`; return the cache up to the last one."""
+        if int(input_pos[-1]) >= self.k.size(2):
+            raise ValueError(
+                f"position {int(input_pos[-1])} is past the KV cache length {self.k.size(2)}"
+            )
+        self.k[: k.size(0)].index_copy_(2, input_pos, k)
+        self.v[: v.size(0)].index_copy_(2, input_pos, v)
+        end = int(input_pos[-1]) + 1
+        return self.k[: k.size(0), :, :end], self.v[: v.size(0), :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = (1 + self.weight.float()) if self.unit_offset else self.weight.float()
+        return (x * weight).to(dtype)
+
+
+def make_norm(config: Config, size: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(size, config.norm_eps, config.norm_unit_offset)
+    return nn.LayerNorm(size, eps=config.norm_eps)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU / GeGLU: proj(act(fc_1(x)) * fc_2(x)); fc_1 is the gate."""
+
+    def __init__(self, config: Config, intermediate_size: Optional[int] = None) -> None:
+        super().__init__()
+        size = intermediate_size or config.intermediate_size
+        self.fc_1 = nn.Linear(config.n_embd, size, bias=config.bias)
+        self.fc_2 = nn.Linear(config.n_embd, size, bias=config.bias)
+        self.proj = nn.Linear(size, config.n_embd, bias=config.bias)
+        self.geglu = config.mlp == "geglu"
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.fc_1(x)
+        gate = F.gelu(gate, approximate=self.approximate) if self.geglu else F.silu(gate)
+        return self.proj(gate * self.fc_2(x))
+
+
+class MoE(nn.Module):
+    """Mixture of SwiGLU experts: each token goes to its top-k experts, weighted by the router."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_expert))
+        self.k = config.n_expert_per_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                y.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return y.view(shape)
+
+
+def make_mlp(config: Config) -> nn.Module:
+    if config.mlp == "gelu":
+        return GeluMLP(config)
+    if config.mlp == "moe":
+        return MoE(config)
+    return GatedMLP(config)
+
+
+def rope_tables(config: Config, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (seq_len, rope_n_elem), float32, halves repeated (rotate-half RoPE)."""
+    n = config.rope_n_elem
+    inv_freq = 1.0 / (
+        config.rope_base ** (torch.arange(0, n, 2, device=device, dtype=torch.float32) / n)
+    )
+    scaling = config.rope_scaling or {}
+    if scaling.get("type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("type") == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent RoPE scaling: long wavelengths slowed by `factor`."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_seq_len"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.size(-1) dims of each head; the rest pass through (partial RoPE)."""
+    n = cos.size(-1)
+    rot, rest = x[..., :n], x[..., n:]
+    x1, x2 = rot[..., : n // 2], rot[..., n // 2 :]
+    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap

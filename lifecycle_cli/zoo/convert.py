@@ -1,0 +1,239 @@
+"""Hugging Face folders <-> checkpoint folders, streamed tensor by tensor.
+
+Peak memory stays near one output shard plus the tensors a fused weight is waiting for, however
+large the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from lifecycle_cli.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    ShardWriter,
+    atomic_dir,
+    copy_side_files,
+    iter_tensors,
+    load_config,
+    weight_files,
+)
+from lifecycle_cli.config import CONFIG_FILE, Config
+from lifecycle_cli.errors import UserError
+from lifecycle_cli.zoo import family_for
+from lifecycle_cli.zoo.hf import Rule
+
+if TYPE_CHECKING:
+    import torch
+
+# Buffers some checkpoints store that a model recomputes (causal masks, RoPE frequencies).
+IGNORED_HF = re.compile(
+    r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|"
+    r"\.attention\.masked_bias)$"
+)
+
+ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{hf_dir} has no config.json: not a Hugging Face model folder") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return values
+
+
+def config_from_hf(hf_config: dict[str, Any], name: str = "") -> Config:
+    """Our Config for a Hugging Face config.json, chosen by its `model_type`."""
+    family = family_for(hf_config.get("model_type"))
+    return Config.from_dict({**family.config_from_hf(hf_config), "name": name}, "config.json")
+
+
+def convert_hf_checkpoint(
+    hf_dir: Path | str,
+    out_dir: Path | str,
+    dtype: Optional[str] = None,
+    name: str = "",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Config:
+    """Convert a Hugging Face model folder into a checkpoint folder at `out_dir`."""
+
+    hf_dir = Path(hf_dir)
+    hf_config = read_hf_config(hf_dir)
+    config = config_from_hf(hf_config, name or hf_dir.name)
+    family = family_for(config.hf_model_type)
+    target = torch_dtype(dtype)
+    tensors = iter_hf_tensors(hf_dir)
+    if hasattr(family, "canonical_hf_name"):
+        tensors = ((family.canonical_hf_name(n), t) for n, t in tensors)
+    rules = family.weight_rules(config)
+    with atomic_dir(out_dir) as tmp:
+        config.save(tmp / CONFIG_FILE)
+        writer = ShardWriter(tmp, max_shard_bytes)
+        written = set()
+        for key, tensor in remap(tensors, rules, config, to_ours=True):
+            if tensor.is_floating_point() and target is not None:
+                tensor = tensor.to(target)
+            writer.add(key, tensor)
+            written.add(key)
+        missing = expected_names(config) - written
+        if missing:
+            raise UserError(f"{hf_dir}: weights missing for {', '.join(sorted(missing)[:3])}")
+        writer.close()
+        copy_side_files(hf_dir, tmp)
+    return config
+
+
+def export_hf(
+    checkpoint_dir: Path | str, out_dir: Path | str, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> Path:
+    """Write a checkpoint folder as a folder `transformers.AutoModelForCausalLM` loads."""
+    from lifecycle_cli.tokenizer import Tokenizer
+
+    checkpoint_dir = Path(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    if config.hf_model_type is None:
+        raise UserError(
+            f"{checkpoint_dir / CONFIG_FILE}: no hf_model_type, so there is no Hugging Face "
+            "architecture to export to"
+        )
+    family = family_for(config.hf_model_type)
+    files = weight_files(checkpoint_dir)
+    with atomic_dir(out_dir) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        dtype = None
+        for key, tensor in remap(iter_tensors(files), family.weight_rules(config), config, False):
+            dtype = dtype or tensor.dtype
+            writer.add(key, tensor)
+        writer.close()
+        hf_config = {
+            "architectures": [ARCHITECTURES[config.hf_model_type]],
+            **family.config_to_hf(config),
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
+        # Explicit, even when unknown: some families default to ids outside a small vocab.
+        special = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        if (checkpoint_dir / "tokenizer.json").is_file():
+            tokenizer = Tokenizer(checkpoint_dir)
+            special = dict(
+                bos_token_id=tokenizer.bos_id,
+                eos_token_id=tokenizer.eos_id,
+                pad_token_id=tokenizer.pad_id,
+            )
+        hf_config.update(special)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        copy_side_files(checkpoint_dir, tmp)
+    return Path(out_dir)
+
+
+def remap(
+    tensors: Iterable[tuple[str, torch.Tensor]], rules: list[Rule], config: Config, to_ours: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rename and reshape tensors by `rules`, yielding each output as soon as its inputs are in.
+
+    Unknown names are an error (not silently dropped), except buffers in IGNORED_HF.
+    """
+    src, dst = ("hf", "ours") if to_ours else ("ours", "hf")
+    patterns = [(r, slot, r.pattern(n)) for r in rules for slot, n in enumerate(getattr(r, src))]
+    waiting: dict[tuple[Rule, tuple[str, ...]], list] = {}
+    for name, tensor in tensors:
+        found = next(((r, s, m) for r, s, p in patterns if (m := p.match(name))), None)
+        if found is None:
+            if to_ours and (IGNORED_HF.search(name) or tied_head(name, config)):
+                continue
+            raise UserError(f"unexpected tensor {name!r} for a {config.hf_model_type} model")
+        r, slot, match = found
+        key = (r, match.groups())
+        parts = waiting.setdefault(key, [None] * len(getattr(r, src)))
+        parts[slot] = tensor
+        if all(p is not None for p in parts):
+            del waiting[key]
+            outputs = transform(r.kind, parts, config, to_ours)
+            for template, out in zip(getattr(r, dst), outputs):
+                yield template.format(*match.groups()), out
+    if waiting:
+        (r, groups), parts = next(iter(waiting.items()))
+        absent = [n.format(*groups) for n, p in zip(getattr(r, src), parts) if p is None]
+        raise UserError(f"incomplete checkpoint: {', '.join(absent)} not found")
+
+
+def transform(kind: str, parts: list, config: Config, to_ours: bool) -> list:
+    import torch
+
+    hs, nh, nkv = config.head_size, config.n_head, config.n_query_groups
+    if kind == "copy":
+        return parts
+    if kind == "transpose":
+        return [parts[0].T.contiguous()]
+    if kind == "qkv":
+        return (
+            [torch.cat(parts)] if to_ours else list(parts[0].split((nh * hs, nkv * hs, nkv * hs)))
+        )
+    if kind == "halves":
+        return list(parts[0].chunk(2)) if to_ours else [torch.cat(parts)]
+    if kind == "neox_qkv":
+        t = parts[0]
+        rest = t.shape[1:]
+        if to_ours:
+            return [t.view(nh, 3, hs, *rest).transpose(0, 1).reshape(3 * nh * hs, *rest)]
+        return [t.view(3, nh, hs, *rest).transpose(0, 1).reshape(3 * nh * hs, *rest)]
+    raise ValueError(f"unknown rule kind {kind!r}")
+
+
+def tied_head(name: str, config: Config) -> bool:
+    """Tied checkpoints sometimes also store the (identical) output head."""
+    return config.tie_embeddings and name in ("lm_head.weight", "embed_out.weight")
+
+
+def expected_names(config: Config) -> set[str]:
+    import torch
+
+    from lifecycle_cli.model import GPT
+
+    with torch.device("meta"):
+        names = set(GPT(config).state_dict())
+    return names - {"lm_head.weight"} if config.tie_embeddings else names
+
+
+def iter_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a Hugging Face folder: safetensors, else `.bin` loaded with weights_only."""
+    files = weight_files(hf_dir)
+    if files:
+        yield from iter_tensors(files)
+        return
+    bins = sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not bins:
+        raise UserError(f"{hf_dir} has no *.safetensors or pytorch_model*.bin weights")
+    import torch
+
+    for path in bins:
+        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, name)

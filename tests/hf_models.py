@@ -1,0 +1,85 @@
+"""Tiny random-init Hugging Face models of every supported family, built without a download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def hf_config(family: str):
+    import transformers as T
+
+    if family == "gpt2":
+        return T.GPT2Config(
+            vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+            bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(
+            **{**COMMON, "num_key_value_heads": None}, rotary_pct=0.25,
+            use_parallel_residual=True, hidden_act="gelu",
+        )  # fmt: skip
+    if family == "llama":
+        return T.LlamaConfig(**COMMON, rms_norm_eps=1e-5, rope_theta=500000.0)
+    if family == "llama3":  # Llama 3.1/3.2: frequency-dependent RoPE scaling, tied head
+        return T.LlamaConfig(
+            **{**COMMON, "max_position_embeddings": 128}, rope_theta=500000.0,
+            tie_word_embeddings=True,
+            rope_scaling=dict(
+                rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        )  # fmt: skip
+    if family == "mistral":
+        return T.MistralConfig(**COMMON, sliding_window=5)
+    if family == "mixtral":
+        return T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen2":
+        return T.Qwen2Config(**COMMON, tie_word_embeddings=True)
+    if family == "qwen3":
+        return T.Qwen3Config(**COMMON, head_dim=16)
+    if family == "gemma2":
+        return T.Gemma2Config(
+            **COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+            attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        )  # fmt: skip
+    if family == "gemma":
+        return T.GemmaConfig(**COMMON, head_dim=8)
+    if family == "phi3":
+        return T.Phi3Config(**COMMON, sliding_window=5)
+    raise ValueError(family)
+
+
+FAMILIES = (
+    "gpt2", "gpt_neox", "llama", "llama3", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
+    "gemma2", "phi3",
+)  # fmt: skip
+
+
+def make_hf_model(family: str, out_dir: Path, seed: int = 0, **save_kwargs):
+    """A random-init transformers model of `family`, saved to `out_dir`; returns the model."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
+    # Random init leaves norms at 1 and biases at 0; perturb everything so a wrong mapping shows.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    model.save_pretrained(out_dir, **save_kwargs)
+    return model
