@@ -70,12 +70,14 @@ FAMILIES = (
 )  # fmt: skip
 
 
-def make_hf_model(family: str, out_dir: Path, seed: int = 0, **save_kwargs):
+def make_hf_model(family: str, out_dir: Path, seed: int = 0, vocab_size: int = 96, **save_kwargs):
     """A random-init transformers model of `family`, saved to `out_dir`; returns the model."""
     import transformers as T
 
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
+    config = hf_config(family)
+    config.vocab_size = vocab_size
+    model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init leaves norms at 1 and biases at 0; perturb everything so a wrong mapping shows.
     with torch.no_grad():
         for p in model.parameters():
