@@ -148,17 +148,29 @@ def save_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write `model` (config and weights) and the tokenizer files of `tokenizer_dir`."""
-    config = model.config
     with atomic_dir(out_dir) as tmp:
-        config.save(tmp / CONFIG_FILE)
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for name, tensor in model.state_dict().items():
-            if not (config.tie_embeddings and name == "lm_head.weight"):
-                writer.add(name, tensor.detach())
-        writer.close()
-        if tokenizer_dir is not None:
-            copy_side_files(Path(tokenizer_dir), tmp)
+        write_checkpoint_files(
+            tmp, model.config, model.state_dict(), tokenizer_dir, max_shard_bytes
+        )
     return Path(out_dir)
+
+
+def write_checkpoint_files(
+    folder: Path,
+    config: Config,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer_dir: Optional[Path] = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Fill an existing (temporary) folder with a checkpoint's files."""
+    config.save(folder / CONFIG_FILE)
+    writer = ShardWriter(folder, max_shard_bytes)
+    for name, tensor in state_dict.items():
+        if not (config.tie_embeddings and name == "lm_head.weight"):
+            writer.add(name, tensor.detach())
+    writer.close()
+    if tokenizer_dir is not None:
+        copy_side_files(Path(tokenizer_dir), folder)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -187,17 +199,28 @@ def load_model(
     model = model.to_empty(device=device or "cpu").to(dtype or torch.float32)
     if config.tie_embeddings:  # to_empty gives every module its own tensor
         model.lm_head.weight = model.wte.weight
-    state = dict(iter_tensors(weight_files(folder)))
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state.get("wte.weight")
-    missing = sorted(set(model.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise UserError(
-            f"{folder}: weights do not match {CONFIG_FILE} "
-            f"(missing: {', '.join(missing[:3]) or 'none'}; "
-            f"unexpected: {', '.join(unexpected[:3]) or 'none'})"
-        )
-    model.load_state_dict(state)
+    load_weights(model, folder)
     model.reset_rope()
     return model.eval()
+
+
+def load_weights(model: GPT, checkpoint_dir: Path | str) -> None:
+    """Copy a checkpoint folder's weights into `model`, whose config must match the folder's."""
+    folder = Path(checkpoint_dir)
+    state = dict(iter_tensors(weight_files(folder)))
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state.get("wte.weight")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        raise UserError(
+            f"{folder}: weights do not match the model config "
+            f"(missing: {', '.join(missing[:3]) or 'none'}; "
+            f"unexpected: {', '.join(unexpected[:3]) or 'none'}; "
+            f"other shape: {', '.join(mismatched[:3]) or 'none'})"
+        )
+    model.load_state_dict(state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -21,12 +22,17 @@ def download(
 ) -> None:
     """Get a model into a checkpoint folder, <checkpoint_dir>/<repo_id>.
 
+    The Hugging Face download (config, safetensors weights, tokenizer files) goes to
+    huggingface_hub's cache (under $HF_HOME), so an interrupted download resumes when the
+    command is run again; the checkpoint folder appears only once it is complete.
+
     Args:
         repo_id: The model's Hugging Face id, `org/name`; or `list` to print the supported
             families and named models.
         checkpoint_dir: Folder the model lands under.
         revision: Branch, tag or commit on the Hub.
-        access_token: Hugging Face token for gated models (default: $HF_TOKEN).
+        access_token: Hugging Face token for gated or private models (default: $HF_TOKEN, else
+            the token `hf auth login` saved).
         from_dir: Convert this local Hugging Face folder (config.json, safetensors, tokenizer
             files) instead of downloading.
         dtype: Store the weights as float32, float16 or bfloat16 (default: as published).
@@ -34,18 +40,33 @@ def download(
     if repo_id == "list":
         print_model_table()
         return
+    from lifecycle_cli.zoo.convert import DTYPES
+
     out_dir = checkpoint_dir / checked_repo_id(repo_id)
+    if dtype is not None and dtype not in DTYPES:  # before a download, not after it
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if from_dir is None:
-        raise UserError(
-            "downloading from the Hub is not available yet (it lands with issue #3); "
-            "convert a local Hugging Face folder with --from_dir PATH"
-        )
-    if revision is not None or access_token is not None:
+        from lifecycle_cli.zoo.hub import fetch
+
+        token = access_token or os.environ.get("HF_TOKEN") or None
+        hf_dir = fetch(repo_id, revision=revision, token=token)
+    elif revision is not None or access_token is not None:
         raise UserError("--revision and --access_token apply to Hub downloads, not --from_dir")
+    else:
+        hf_dir = Path(from_dir)
     from lifecycle_cli.zoo.convert import convert_hf_checkpoint
 
-    config = convert_hf_checkpoint(from_dir, out_dir, dtype=dtype, name=repo_id.split("/")[-1])
-    print(f"Converted {from_dir} ({config.hf_model_type}) into {out_dir}")
+    # The conversion writes atomically; on failure, also take back the folders made for it.
+    made = [p for p in (out_dir.parent, checkpoint_dir) if not p.exists()]
+    try:
+        config = convert_hf_checkpoint(hf_dir, out_dir, dtype=dtype, name=repo_id.split("/")[-1])
+    except BaseException:
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    source = repo_id if from_dir is None else str(from_dir)
+    print(f"Converted {source} ({config.hf_model_type}) into {out_dir}")
 
 
 def checked_repo_id(repo_id: str) -> str:

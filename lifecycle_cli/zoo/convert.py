@@ -1,14 +1,18 @@
 """Hugging Face folders <-> checkpoint folders, streamed tensor by tensor.
 
-Peak memory stays near one output shard plus the tensors a fused weight is waiting for, however
-large the model.
+Tensors are read one at a time with plain reads (not memory-mapped, so the pages of an input
+shard already converted are not held), and output shards are no larger than the largest input
+shard. Peak memory stays near one shard plus the tensors a fused weight is waiting for, however
+large the model (`python -m benchmarks convert` measures it).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -17,7 +21,6 @@ from lifecycle_cli.checkpoint import (
     ShardWriter,
     atomic_dir,
     copy_side_files,
-    iter_tensors,
     load_config,
     weight_files,
 )
@@ -73,24 +76,28 @@ def convert_hf_checkpoint(
     out_dir: Path | str,
     dtype: Optional[str] = None,
     name: str = "",
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_shard_bytes: Optional[int] = None,
 ) -> Config:
-    """Convert a Hugging Face model folder into a checkpoint folder at `out_dir`."""
+    """Convert a Hugging Face model folder into a checkpoint folder at `out_dir`.
 
+    Output shards hold at most `max_shard_bytes` (default: the size of the largest input file,
+    capped at DEFAULT_SHARD_BYTES). A bar on stderr shows the progress.
+    """
     hf_dir = Path(hf_dir)
     hf_config = read_hf_config(hf_dir)
     config = config_from_hf(hf_config, name or hf_dir.name)
     family = family_for(config.hf_model_type)
     target = torch_dtype(dtype)
+    files = hf_weight_files(hf_dir)
     tensors = iter_hf_tensors(hf_dir)
     if hasattr(family, "canonical_hf_name"):
         tensors = ((family.canonical_hf_name(n), t) for n, t in tensors)
     rules = family.weight_rules(config)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, progress_bar(files, f"Converting {config.name}") as bar:
         config.save(tmp / CONFIG_FILE)
-        writer = ShardWriter(tmp, max_shard_bytes)
+        writer = ShardWriter(tmp, max_shard_bytes or shard_bytes_like(files))
         written = set()
-        for key, tensor in remap(tensors, rules, config, to_ours=True):
+        for key, tensor in remap(counted(tensors, bar), rules, config, to_ours=True):
             if tensor.is_floating_point() and target is not None:
                 tensor = tensor.to(target)
             writer.add(key, tensor)
@@ -104,9 +111,12 @@ def convert_hf_checkpoint(
 
 
 def export_hf(
-    checkpoint_dir: Path | str, out_dir: Path | str, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    checkpoint_dir: Path | str, out_dir: Path | str, max_shard_bytes: Optional[int] = None
 ) -> Path:
-    """Write a checkpoint folder as a folder `transformers.AutoModelForCausalLM` loads."""
+    """Write a checkpoint folder as a folder `transformers.AutoModelForCausalLM` loads.
+
+    Output shards hold at most `max_shard_bytes` (default: like the checkpoint's own shards).
+    """
     from lifecycle_cli.tokenizer import Tokenizer
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -118,10 +128,11 @@ def export_hf(
         )
     family = family_for(config.hf_model_type)
     files = weight_files(checkpoint_dir)
-    with atomic_dir(out_dir) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
+    rules = family.weight_rules(config)
+    with atomic_dir(out_dir) as tmp, progress_bar(files, f"Exporting {checkpoint_dir.name}") as bar:
+        writer = ShardWriter(tmp, max_shard_bytes or shard_bytes_like(files))
         dtype = None
-        for key, tensor in remap(iter_tensors(files), family.weight_rules(config), config, False):
+        for key, tensor in remap(counted(read_safetensors(files), bar), rules, config, False):
             dtype = dtype or tensor.dtype
             writer.add(key, tensor)
         writer.close()
@@ -214,19 +225,124 @@ def expected_names(config: Config) -> set[str]:
     return names - {"lm_head.weight"} if config.tie_embeddings else names
 
 
+def hf_weight_files(hf_dir: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder: safetensors, else `pytorch_model*.bin`."""
+    files = weight_files(hf_dir) or sorted(hf_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"{hf_dir} has no *.safetensors or pytorch_model*.bin weights")
+    return files
+
+
 def iter_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a Hugging Face folder: safetensors, else `.bin` loaded with weights_only."""
-    files = weight_files(hf_dir)
-    if files:
-        yield from iter_tensors(files)
+    files = hf_weight_files(hf_dir)
+    if files[0].suffix == ".safetensors":
+        yield from read_safetensors(files)
         return
-    bins = sorted(hf_dir.glob("pytorch_model*.bin"))
-    if not bins:
-        raise UserError(f"{hf_dir} has no *.safetensors or pytorch_model*.bin weights")
     import torch
 
-    for path in bins:
+    for path in files:
         yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from safetensors files in file order, each tensor read into its own memory.
+
+    Plain reads rather than a memory map: a map keeps every page already read resident (and
+    counted as this process's memory) until the whole file is closed.
+    """
+    import torch
+
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            header, base = safetensors_header(path, f)
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                dtype = getattr(torch, SAFETENSORS_DTYPES.get(info["dtype"], ""), None)
+                if dtype is None:
+                    raise UserError(
+                        f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}"
+                    )
+                tensor = torch.empty(info["shape"], dtype=dtype)
+                if tensor.numel() * tensor.element_size() != end - start:
+                    raise UserError(f"{path}: tensor {name!r} has the wrong size; file corrupt?")
+                f.seek(base + start)
+                view = (
+                    memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if end > start else b""
+                )
+                done = 0
+                while done < len(view):
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise UserError(f"{path} is truncated (in tensor {name!r})")
+                    done += n
+                yield name, tensor
+
+
+def safetensors_header(path: Path, f) -> tuple[dict[str, Any], int]:
+    """(tensor entries of the header, offset where the data starts) of an open safetensors file."""
+    not_safetensors = UserError(f"{path} is not a valid safetensors file")
+    size = int.from_bytes(f.read(8), "little")
+    if not 0 < size <= min(100 * 1024**2, Path(path).stat().st_size - 8):
+        raise not_safetensors
+    try:
+        header = json.loads(f.read(size))
+    except (ValueError, UnicodeDecodeError):
+        raise not_safetensors from None
+    if not isinstance(header, dict):
+        raise not_safetensors
+    header.pop("__metadata__", None)
+    for info in header.values():
+        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):
+            raise not_safetensors
+    return header, 8 + size
+
+
+def shard_bytes_like(files: list[Path]) -> int:
+    """An output shard size no larger than the largest input file (nor DEFAULT_SHARD_BYTES)."""
+    return min(DEFAULT_SHARD_BYTES, max(p.stat().st_size for p in files))
+
+
+def data_bytes(path: Path) -> int:
+    """The bytes of tensor data in a weight file (for a pickle: its size)."""
+    if path.suffix != ".safetensors":
+        return path.stat().st_size
+    with open(path, "rb") as f:
+        _, base = safetensors_header(path, f)
+    return path.stat().st_size - base
+
+
+@contextmanager
+def progress_bar(files: list[Path], desc: str) -> Iterator[Any]:
+    """A bar over the bytes of `files`, on stderr; erased if the block fails, so that the error
+    stays the last line."""
+    from tqdm.auto import tqdm
+
+    total = sum(data_bytes(p) for p in files)
+    bar = tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr
+    )
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+
+
+def counted(tensors: Iterable[tuple[str, torch.Tensor]], bar: Any) -> Iterator[tuple[str, Any]]:
+    """`tensors`, advancing `bar` by the bytes of each."""
+    for name, tensor in tensors:
+        yield name, tensor
+        bar.update(tensor.numel() * tensor.element_size())
 
 
 def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
