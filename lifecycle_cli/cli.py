@@ -43,7 +43,10 @@ VERBS: dict[str, Verb] = {
         "Get a model from the Hugging Face Hub or a local HF folder; `download list` shows models.",
         target="lifecycle_cli.commands.download:download",
     ),
-    "pretrain": Verb("Pretrain a model on text, from scratch or from a checkpoint.", issue=4),
+    "pretrain": Verb(
+        "Pretrain a model on text, from scratch or from a checkpoint.",
+        target="lifecycle_cli.commands.pretrain:pretrain",
+    ),
     "finetune": Verb("Finetune a model on instructions or a task (full or LoRA).", issue=5),
     "align": Verb("Align a model to preferences (DPO, IPO, SimPO, ORPO)."),
     "evaluate": Verb("Measure a model: perplexity, multiple choice, exact match, ..."),

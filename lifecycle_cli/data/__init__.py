@@ -1,0 +1,1 @@
+"""Data for each stage: pretraining text, instructions, preferences, classification, tasks."""

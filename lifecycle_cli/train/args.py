@@ -1,0 +1,76 @@
+"""Training flags (`--train.*`, `--eval.*`), shared by every verb that trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from lifecycle_cli.errors import UserError
+
+
+@dataclass
+class TrainArgs:
+    """How long and how to optimise."""
+
+    global_batch_size: int = 64
+    """Samples per optimizer step, over all devices (reached by gradient accumulation)."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward pass on one device."""
+    max_seq_length: Optional[int] = None
+    """Tokens per sample (default: the model's context length)."""
+    max_tokens: Optional[int] = None
+    """Stop after this many training tokens."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (with max_tokens: whichever comes first)."""
+    epochs: Optional[int] = None
+    """Stop after this many passes over the training data (finetuning)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases and embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_norm: Optional[float] = 1.0
+    """Clip the gradient norm to this (None: no clipping)."""
+    save_interval: Optional[int] = 1000
+    """Write a resumable step-NNNNNN/ checkpoint every N steps (None: only final/)."""
+    keep_last: Optional[int] = 2
+    """How many step checkpoints to keep (None: all)."""
+    log_interval: int = 1
+    """Log training loss every N steps."""
+
+    def validate(self, world_size: int) -> None:
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size % per_pass:
+            raise UserError(
+                f"--train.global_batch_size {self.global_batch_size} is not a multiple of "
+                f"--train.micro_batch_size {self.micro_batch_size} x {world_size} device(s)"
+            )
+        if not (self.max_tokens or self.max_steps or self.epochs):
+            raise UserError("set --train.max_tokens, --train.max_steps or --train.epochs")
+        for name in ("global_batch_size", "micro_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--train.{name} must be at least 1")
+
+    def accumulation(self, world_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * world_size)
+
+
+@dataclass
+class EvalArgs:
+    """When and how much to evaluate on held-out data."""
+
+    interval: Optional[int] = 100
+    """Evaluate every N optimizer steps (None: only at the end)."""
+    max_iters: Optional[int] = 50
+    """Batches per evaluation (None: the whole validation set)."""
+    initial_validation: bool = False
+    """Evaluate once before training."""
+    final_validation: bool = True
+    """Evaluate once after training."""

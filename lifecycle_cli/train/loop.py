@@ -1,0 +1,187 @@
+"""The training loop: one for pretraining, finetuning and alignment.
+
+What differs between those is the data (`get(indices)` -> batch) and the objective
+(`objective(model, batch)` -> mean loss); everything else lives here: gradient accumulation,
+clipping, the LR schedule, evaluation, checkpoints, exact resume, logging and throughput.
+
+Sample indices are global: optimizer step s consumes samples [s*G, (s+1)*G) of the data's
+endless stream, and rank r takes its contiguous share of them. So the data position is a single
+integer and a run on W devices sees exactly the batches a run on one device sees.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lifecycle_cli.train.args import EvalArgs, TrainArgs
+from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
+from lifecycle_cli.train.schedule import lr_at
+from lifecycle_cli.train.state import Progress, prune_steps, save_final, save_step
+from lifecycle_cli.train.throughput import Throughput, peak_flops
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs besides the model and optimizer."""
+
+    objective: Callable[[torch.nn.Module, Any], torch.Tensor]
+    train_data: Any  # .get(indices) -> batch
+    val_data: Any  # .get(indices) -> batch, len()
+    train: TrainArgs
+    eval: EvalArgs
+    out_dir: Path
+    max_steps: int
+    tokens_per_sample: int
+    flops_per_token: float
+    tokenizer_dir: Optional[Path] = None
+    logger: str = "csv"
+    extra_eval: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
+    """Train until run.max_steps (or a SIGINT/SIGTERM); return the final counters."""
+    args, world = run.train, fabric.world_size
+    accumulation = args.accumulation(world)
+    per_rank = args.global_batch_size // world
+    log = (
+        MetricsLog(run.out_dir, progress.step, run.logger == "tensorboard")
+        if rank0(fabric)
+        else None
+    )
+    peak = peak_flops(fabric.device.type, str(fabric.strategy.precision.precision))
+    speed = Throughput(run.flops_per_token, peak, world)
+    bar = ProgressBar(run.max_steps, progress.step, enabled=rank0(fabric))
+    stop = StopRequest()
+
+    if run.eval.initial_validation and progress.step == 0:
+        evaluate(fabric, model, run, progress, log, bar)
+    try:
+        while progress.step < run.max_steps:
+            lr = lr_at(progress.step, run.max_steps, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            first = progress.samples + fabric.global_rank * per_rank
+            loss_sum = torch.zeros((), device=fabric.device)
+            for micro in range(accumulation):
+                start = first + micro * args.micro_batch_size
+                batch = run.train_data.get(range(start, start + args.micro_batch_size))
+                batch = fabric.to_device(batch)
+                with fabric.no_backward_sync(model, enabled=micro < accumulation - 1):
+                    loss = run.objective(model, batch)
+                    fabric.backward(loss / accumulation)
+                loss_sum += loss.detach()
+            grad_norm = None
+            if args.max_norm is not None:
+                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=args.max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.samples += args.global_batch_size
+            progress.tokens += args.global_batch_size * run.tokens_per_sample
+            speed.step(args.global_batch_size * run.tokens_per_sample)
+
+            if progress.step % args.log_interval == 0 or progress.step == run.max_steps:
+                train_loss = fabric.all_reduce(loss_sum / accumulation, reduce_op="mean").item()
+                rate, mfu = speed.measure()
+                bar_values = dict(train_loss=train_loss, lr=lr, tokens_per_sec=rate, mfu=mfu)
+                if log is not None:
+                    norm = None if grad_norm is None else float(grad_norm)
+                    log.log(progress.step, tokens=progress.tokens, grad_norm=norm, **bar_values)
+                run.history.append({"step": progress.step, "train_loss": train_loss})
+                bar.step(train_loss, lr, rate, mfu)
+            else:
+                bar.step()
+
+            last = progress.step == run.max_steps
+            interval = run.eval.interval
+            if (interval and progress.step % interval == 0) or (last and run.eval.final_validation):
+                evaluate(fabric, model, run, progress, log, bar)
+            stopping = stop.requested(fabric)
+            save_every = args.save_interval
+            if (save_every and progress.step % save_every == 0) or stopping:
+                checkpoint(fabric, model, optimizer, run, progress, bar)
+            speed.resume()
+            if stopping:
+                bar.write(f"Stopped at step {progress.step}; resume with --resume auto")
+                break
+    finally:
+        bar.close()
+        stop.restore()
+    if progress.step == run.max_steps:
+        save_final(fabric, run.out_dir / "final", model, run.tokenizer_dir)
+        if rank0(fabric):
+            plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")
+    return progress
+
+
+def checkpoint(fabric, model, optimizer, run: Run, progress: Progress, bar) -> None:
+    folder = run.out_dir / f"step-{progress.step:06d}"
+    save_step(fabric, folder, model, optimizer, progress, run.tokenizer_dir)
+    if rank0(fabric):
+        prune_steps(run.out_dir, run.train.keep_last)
+        plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")
+
+
+@torch.no_grad()
+def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> float:
+    """Mean validation loss over the first eval.max_iters micro-batches of every rank."""
+    model.eval()
+    world, size = fabric.world_size, run.train.micro_batch_size
+    n = len(run.val_data)
+    if run.eval.max_iters is not None:
+        n = min(n, run.eval.max_iters * size * world)
+    per_rank = n // world  # equal on every rank: sharded models run collectives per forward
+    first = fabric.global_rank * per_rank
+    totals = torch.zeros(2, device=fabric.device)
+    for start in range(first, first + per_rank, size):
+        stop = min(start + size, first + per_rank)
+        batch = fabric.to_device(run.val_data.get(range(start, stop)))
+        totals[0] += run.objective(model, batch) * (stop - start)
+        totals[1] += stop - start
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    val_loss = (totals[0] / totals[1]).item()
+    extra = run.extra_eval(model) if run.extra_eval else {}
+    if log is not None:
+        log.log(progress.step, tokens=progress.tokens, val_loss=val_loss, **extra)
+    extras = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+    bar.write(f"step {progress.step}: val loss {fmt_loss(val_loss)}{extras}")
+    run.history.append({"step": progress.step, "val_loss": val_loss, **extra})
+    model.train()
+    return val_loss
+
+
+def rank0(fabric) -> bool:
+    return fabric.global_rank == 0
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to save a checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        if self.flag:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def requested(self, fabric) -> bool:
+        if fabric.world_size == 1:
+            return self.flag
+        flag = torch.tensor(float(self.flag), device=fabric.device)
+        return bool(fabric.all_reduce(flag, reduce_op="sum").item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

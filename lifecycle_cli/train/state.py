@@ -1,0 +1,147 @@
+"""Resumable training state: step-NNNNNN/ folders and finding the newest one.
+
+A step folder is a checkpoint folder (loadable by every verb) plus `train_state/`: optimizer,
+counters, RNG states and the data position. Under FSDP the model and optimizer are saved sharded
+inside `train_state/` instead (torch.distributed.checkpoint), and only `final/` is consolidated.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lifecycle_cli.checkpoint import write_checkpoint_files
+from lifecycle_cli.errors import UserError
+from lifecycle_cli.train.fabric import is_sharded, unwrap
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STATE_DIR = "train_state"
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class Progress:
+    """Counters of a run; `samples` is the data position (global samples consumed)."""
+
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+
+
+def step_dirs(out_dir: Path) -> list[Path]:
+    """Complete step folders, oldest first."""
+    if not out_dir.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / STATE_DIR).exists()]
+
+
+def find_resume(resume: bool | str | Path, out_dir: Path) -> Optional[Path]:
+    """The step folder to resume from: `auto`/True = newest in out_dir (None if there is none)."""
+    if resume is False or resume is None:
+        return None
+    if resume is True or resume == "auto":
+        dirs = step_dirs(out_dir)
+        return dirs[-1] if dirs else None
+    path = Path(resume)
+    if not (path / STATE_DIR).exists():
+        raise UserError(f"--resume {path}: not a step folder (no {STATE_DIR}/ inside)")
+    return path
+
+
+def save_step(fabric, folder: Path, model, optimizer, progress: Progress, tokenizer_dir) -> None:
+    """Write a resumable step folder atomically (all ranks call this)."""
+    tmp = folder.parent / f".{folder.name}.partial"
+    if fabric.global_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / STATE_DIR).mkdir(parents=True)
+    fabric.barrier()
+    state = {"optimizer": optimizer, "progress": asdict(progress), "rng": rng_state()}
+    if is_sharded(fabric):
+        fabric.save(tmp / STATE_DIR, {"model": model, **state})
+    else:
+        if fabric.global_rank == 0:
+            module = unwrap(model)
+            write_checkpoint_files(tmp, module.config, module.state_dict(), tokenizer_dir)
+        fabric.save(tmp / STATE_DIR / STATE_FILE, state)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        replace_dir(tmp, folder)
+    fabric.barrier()
+
+
+def save_final(fabric, folder: Path, model, tokenizer_dir) -> None:
+    """A plain checkpoint folder (consolidated from shards under FSDP), written by rank 0."""
+    state_dict = full_state_dict(fabric, model)
+    if fabric.global_rank == 0:
+        tmp = folder.parent / f".{folder.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_checkpoint_files(tmp, unwrap(model).config, state_dict, tokenizer_dir)
+        replace_dir(tmp, folder)
+    fabric.barrier()
+
+
+def full_state_dict(fabric, model) -> dict[str, torch.Tensor]:
+    if not is_sharded(fabric):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(unwrap(model), options=options)
+
+
+def load_step(fabric, folder: Path, model, optimizer) -> Progress:
+    """Restore model, optimizer, RNG and counters from a step folder (all ranks call this)."""
+    state = {"optimizer": optimizer, "progress": {}, "rng": {}}
+    if is_sharded(fabric):
+        state["model"] = model
+        fabric.load(folder / STATE_DIR, state, weights_only=True)
+    else:
+        from lifecycle_cli.checkpoint import load_weights
+
+        load_weights(unwrap(model), folder)
+        fabric.load(folder / STATE_DIR / STATE_FILE, state, weights_only=True)
+    set_rng_state(state["rng"])
+    return Progress(**state["progress"])
+
+
+def prune_steps(out_dir: Path, keep_last: Optional[int]) -> None:
+    if keep_last is None:
+        return
+    dirs = step_dirs(out_dir)
+    for old in dirs[: max(0, len(dirs) - keep_last)]:
+        shutil.rmtree(old)
+
+
+def replace_dir(tmp: Path, folder: Path) -> None:
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

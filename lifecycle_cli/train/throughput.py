@@ -1,0 +1,102 @@
+"""Tokens per second and model FLOPs utilisation (MFU) against the device's peak."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import deque
+
+import torch
+
+from lifecycle_cli.config import Config
+
+# Dense peak FLOP/s of known GPUs (bf16/fp16 tensor cores; tf32 for float32 training).
+GPU_PEAK = {
+    "H200": {"bf16": 989.4e12, "32": 494.7e12},
+    "H100": {"bf16": 989.4e12, "32": 494.7e12},
+    "A100": {"bf16": 312e12, "32": 156e12},
+    "L40S": {"bf16": 362e12, "32": 183e12},
+    "A10G": {"bf16": 125e12, "32": 62.5e12},
+    "L4": {"bf16": 121e12, "32": 60e12},
+    "4090": {"bf16": 165.2e12, "32": 82.6e12},
+}
+
+
+def n_params(config: Config, non_embedding: bool = True) -> int:
+    with torch.device("meta"):
+        from lifecycle_cli.model import GPT
+
+        model = GPT(config)
+    total = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        total -= model.wte.weight.numel()
+        if config.position_embedding == "learned":
+            total -= model.wpe.weight.numel()
+    return total
+
+
+def flops_per_token(config: Config, seq_length: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores.
+
+    The lm_head counts as a weight even when tied; active experts only for MoE.
+    """
+    n = n_params(config) + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
+    if config.mlp == "moe":
+        expert = 3 * config.n_embd * config.intermediate_size
+        n -= config.n_layer * expert * (config.n_expert - config.n_expert_per_token)
+    attention = 6 * config.n_layer * config.n_head * config.head_size * seq_length
+    return 6 * n + attention
+
+
+@functools.cache
+def peak_flops(device_type: str, precision: str) -> float:
+    """Peak FLOP/s of one device: a table for known GPUs, a matmul probe otherwise."""
+    half = "bf16" in precision or "16" in precision
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, peaks in GPU_PEAK.items():
+            if key in name:
+                return peaks["bf16" if half else "32"]
+    return matmul_probe(device_type, torch.bfloat16 if half else torch.float32)
+
+
+def matmul_probe(device_type: str, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3):
+    """Measured FLOP/s of square matmuls on this device with the current thread count."""
+    a = torch.randn(size, size, device=device_type, dtype=dtype)
+    b = torch.randn(size, size, device=device_type, dtype=dtype)
+    a @ b  # warm-up
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    sync()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b
+        sync()
+        n += 10
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+class Throughput:
+    """Tokens/s and MFU over the last `window` training steps.
+
+    Time spent evaluating or saving is left out: call `resume()` after it.
+    """
+
+    def __init__(self, flops_per_token: float, peak: float, world_size: int, window: int = 20):
+        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
+        self.steps: deque[tuple[float, int]] = deque(maxlen=window)
+        self.last = time.perf_counter()
+
+    def step(self, tokens: int) -> None:
+        now = time.perf_counter()
+        self.steps.append((now - self.last, tokens))
+        self.last = now
+
+    def resume(self) -> None:
+        self.last = time.perf_counter()
+
+    def measure(self) -> tuple[float, float]:
+        """(tokens per second over all devices, MFU)."""
+        seconds = sum(s for s, _ in self.steps)
+        rate = sum(t for _, t in self.steps) / seconds if seconds > 0 else 0.0
+        return rate, rate * self.flops_per_token / (self.peak * self.world_size)
