@@ -1,16 +1,37 @@
-"""The Python API: `LLM.load(folder)` gives the model and its tokenizer."""
+"""The Python API: `LLM.load(folder)` gives the model and its tokenizer; `generate` and
+`stream` talk to it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from lifecycle_cli.checkpoint import load_model
 from lifecycle_cli.config import Config
+from lifecycle_cli.errors import UserError
+from lifecycle_cli.generate import Generator, SamplingParams, fast_decode_layout
 from lifecycle_cli.model import GPT
+from lifecycle_cli.prompts import PromptStyle, resolve_style
 from lifecycle_cli.tokenizer import Tokenizer
+
+
+def load_for_inference(
+    checkpoint_dir: Path | str, device: str = "auto", precision: Optional[str] = None
+) -> LLM:
+    """What `generate`, `chat` and `serve` load: an `LLM` with a tokenizer, on `device`
+    ('auto': CUDA if there is one) in `precision` (None: bf16 on a GPU that has it, else
+    32-true)."""
+    from lifecycle_cli.checkpoint import check_checkpoint_dir
+    from lifecycle_cli.generate import resolve_device, resolve_precision
+
+    folder = check_checkpoint_dir(checkpoint_dir)
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{folder} has no tokenizer.json: generating text needs a tokenizer")
+    dev = resolve_device(device)
+    return LLM.load(folder, device=dev, dtype=resolve_precision(precision, dev))
 
 
 class LLM:
@@ -20,6 +41,8 @@ class LLM:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint_dir = checkpoint_dir
+        self._generator: Optional[Generator] = None
+        self._compiled = False
 
     @property
     def config(self) -> Config:
@@ -37,3 +60,90 @@ class LLM:
         model = load_model(checkpoint_dir, device=device, dtype=dtype)
         has_tokenizer = (checkpoint_dir / "tokenizer.json").is_file()
         return cls(model, Tokenizer(checkpoint_dir) if has_tokenizer else None, checkpoint_dir)
+
+    def generator(self, compile: bool = False) -> Generator:
+        """The `Generator` behind `generate`/`stream` (kept, with its KV cache, between calls).
+
+        compile: compile the decoding step (the weights must not change afterwards)."""
+        if self._generator is None or (compile and not self._compiled):
+            fast_decode_layout(self.model)
+            self._generator = Generator(self.model, self.tokenizer, compile=compile)
+            self._compiled = compile
+        return self._generator
+
+    def prompt_style(self, name: Optional[str] = "auto", default: str = "raw"):
+        """The prompt style `name` ('auto': the one saved with the checkpoint, if any; then with
+        default 'raw' none, with default 'chat' the tokenizer's chat template or plain)."""
+        return resolve_style(self.checkpoint_dir, self.tokenizer, name, default)
+
+    def _prepare(
+        self, prompt: str, prompt_style: Optional[str], system: Optional[str]
+    ) -> tuple[list[int], tuple[str, ...]]:
+        if self.tokenizer is None:
+            raise UserError(f"{self.checkpoint_dir} has no tokenizer.json: cannot encode text")
+        style: Optional[PromptStyle] = self.prompt_style(prompt_style, default="raw")
+        if style is None:
+            if system:
+                raise UserError("a system prompt needs a prompt style (e.g. chat_template)")
+            return self.tokenizer.encode(prompt), ()
+        return style.encode(self.tokenizer, style.apply(prompt, system)), style.stop
+
+    def _params(self, stop: Union[str, Sequence[str], None], style_stop, **kwargs):
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return SamplingParams(stop=stop + tuple(style_stop), **kwargs)
+
+    def generate(
+        self,
+        prompt: Union[str, Sequence[str]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: Optional[int] = 50,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        prompt_style: Optional[str] = "auto",
+        system: Optional[str] = None,
+    ) -> Union[str, list[str]]:
+        """The completion of `prompt` (a list of prompts: their completions, generated together
+        as one batch).
+
+        temperature 0 is greedy. The output ends at the end-of-sequence token, a `stop` string
+        (not included) or `max_new_tokens`. prompt_style 'auto' applies the style saved with a
+        finetuned checkpoint (prompt_style.yaml) and otherwise uses the prompt as given; name a
+        style (e.g. 'chat_template', 'alpaca') to format it as a user message.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prepared = [self._prepare(p, prompt_style, system) for p in prompts]
+        sampling = dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        )  # fmt: skip
+        params = [self._params(stop, style_stop, **sampling) for _, style_stop in prepared]
+        done = self.generator().generate_batch([ids for ids, _ in prepared], params)
+        texts = [c.text for c in done]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: Optional[int] = 50,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        prompt_style: Optional[str] = "auto",
+        system: Optional[str] = None,
+    ) -> Iterator[str]:
+        """`generate`, as text pieces while they are generated (never half a character)."""
+        ids, style_stop = self._prepare(prompt, prompt_style, system)
+        params = self._params(
+            stop, style_stop, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            seed=seed,
+        )  # fmt: skip
+        yield from self.generator().stream(ids, params)

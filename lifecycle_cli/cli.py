@@ -47,12 +47,19 @@ VERBS: dict[str, Verb] = {
         "Pretrain a model on text, from scratch or from a checkpoint.",
         target="lifecycle_cli.commands.pretrain:pretrain",
     ),
-    "finetune": Verb("Finetune a model on instructions or a task (full or LoRA).", issue=5),
+    "finetune": Verb(
+        "Finetune a model on instructions or a task (full or LoRA).",
+        target="lifecycle_cli.commands.finetune:finetune",
+    ),
     "align": Verb("Align a model to preferences (DPO, IPO, SimPO, ORPO)."),
     "evaluate": Verb("Measure a model: perplexity, multiple choice, exact match, ..."),
-    "chat": Verb("Talk to a model in the terminal.", issue=6),
-    "generate": Verb("Generate text from a prompt.", issue=6),
-    "serve": Verb("Serve a model over HTTP, OpenAI-compatible.", issue=7),
+    "chat": Verb("Talk to a model in the terminal.", target="lifecycle_cli.commands.chat:chat"),
+    "generate": Verb(
+        "Generate text from a prompt.", target="lifecycle_cli.commands.generate:generate"
+    ),
+    "serve": Verb(
+        "Serve a model over HTTP, OpenAI-compatible.", target="lifecycle_cli.commands.serve:serve"
+    ),
     "convert": Verb(
         "Convert a checkpoint folder to another format.",
         subverbs={

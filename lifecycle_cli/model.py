@@ -75,14 +75,28 @@ class GPT(nn.Module):
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        *,
+        logits_at: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size).
 
         Without `input_pos` this is a full causal pass over positions 0..T-1. With `input_pos`
-        (the positions of the T tokens, shape (T,)) keys and values go into the KV cache set by
-        `set_kv_cache`, and the tokens attend to everything cached before them.
+        keys and values go into the KV cache set by `set_kv_cache`, and the tokens attend to
+        everything cached before them. `input_pos` holds the positions of the T tokens: shape (T,)
+        when every row is at the same place, or (B, T) to give each row its own positions
+        (batched decoding of prompts of different lengths: a row never sees cache slots past its
+        own position, so what a shorter row left there is never read).
+
+        `logits_at` (B,) picks one index along T per row: the result is then (B, 1, vocab_size),
+        only those positions go through the head (prefill needs just the last prompt token).
         """
         T = idx.size(1)
+        masks = None
         if input_pos is None:
             if T > self._max_seq_length:
                 raise ValueError(
@@ -91,6 +105,16 @@ class GPT(nn.Module):
             pos = torch.arange(T, device=idx.device)
         else:
             pos = input_pos
+            cache = self.blocks[0].attn.kv_cache
+            if cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call set_kv_cache first")
+            if not torch.compiler.is_compiling() and int(pos.max()) >= cache.max_len:
+                raise ValueError(
+                    f"position {int(pos.max())} is past the KV cache length {cache.max_len}"
+                )
+            # Built once per call, shared by the layers: with and without the sliding window.
+            windows = {block.attn.window for block in self.blocks}
+            masks = {w: attention_mask(pos, cache.positions, w) for w in windows}
         x = self.wte(idx)
         if self.config.scale_embeddings:
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
@@ -98,10 +122,18 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         rope = None
         if self.rope_cos is not None:
-            rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))
+            cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
+            if pos.dim() == 2:  # (B, T, n) -> (B, 1, T, n), broadcast over the heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            rope = (cos, sin)
         for block in self.blocks:
-            x = block(x, rope, input_pos)
-        logits = self.lm_head(self.ln_f(x))
+            x = block(x, rope, input_pos, masks)
+        if logits_at is not None:
+            x = x[torch.arange(x.size(0), device=x.device), logits_at].unsqueeze(1)
+        x = self.ln_f(x)
+        if return_hidden:  # (B, T, n_embd), for a task head such as a classifier's
+            return x
+        logits = self.lm_head(x)
         if self.config.final_logit_softcapping is not None:
             logits = softcap(logits, self.config.final_logit_softcapping)
         return logits
@@ -157,8 +189,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]],
         input_pos: Optional[torch.Tensor],
+        masks: Optional[dict[Optional[int], torch.Tensor]] = None,
     ) -> torch.Tensor:
-        a = self.attn(self.norm_1(x), rope, input_pos)
+        a = self.attn(self.norm_1(x), rope, input_pos, masks)
         if self.config.post_attention_norm:
             a = self.post_attention_norm(a)
         if self.config.parallel_residual:
@@ -190,7 +223,10 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]],
         input_pos: Optional[torch.Tensor],
+        masks: Optional[dict[Optional[int], torch.Tensor]] = None,
     ) -> torch.Tensor:
+        """`masks` (from `GPT.forward`, keyed by sliding window) saves rebuilding the KV-cache
+        attention mask in every layer; without it the mask is built here."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             (self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs), dim=-1
@@ -204,29 +240,33 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         if input_pos is None:
-            q_pos = k_pos = torch.arange(T, device=x.device)
+            mask = None  # causal over the T tokens
+            if self.window is not None:
+                pos = torch.arange(T, device=x.device)
+                mask = attention_mask(pos, pos, self.window)
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call set_kv_cache first")
             k, v = self.kv_cache.update(input_pos, k, v)
-            q_pos, k_pos = input_pos, torch.arange(k.size(2), device=x.device)
-        y = self.attend(q, k, v, q_pos, k_pos, causal_fast_path=input_pos is None)
+            if masks is not None:
+                mask = masks[self.window]
+            else:
+                mask = attention_mask(input_pos, self.kv_cache.positions, self.window)
+        y = self.attend(q, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
 
-    def attend(self, q, k, v, q_pos, k_pos, causal_fast_path: bool) -> torch.Tensor:
+    def attend(self, q, k, v, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Scaled dot-product attention; `mask` None means causal over equal-length q and k."""
         softcapping = self.config.attention_logit_softcapping
-        if softcapping is None and self.window is None and causal_fast_path:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_head
-            )
-        mask = k_pos[None, :] <= q_pos[:, None]
-        if self.window is not None:
-            mask &= k_pos[None, :] > q_pos[:, None] - self.window
+        gqa = self.n_kv != self.n_head
         if softcapping is None:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv != self.n_head
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=gqa
             )
-        if self.n_kv != self.n_head:
+        if mask is None:
+            pos = torch.arange(q.size(2), device=q.device)
+            mask = attention_mask(pos, pos)
+        if gqa:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         scores = softcap((q @ k.transpose(-2, -1)) * self.scale, softcapping)
@@ -234,25 +274,46 @@ class Attention(nn.Module):
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
+def attention_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int] = None
+) -> torch.Tensor:
+    """True where a query at `q_pos` may see a key at `k_pos`: causal, and within `window`.
+
+    (T, S) for q_pos of shape (T,); (B, 1, T, S) for per-row positions (B, T).
+    """
+    mask = k_pos <= q_pos[..., None]
+    if window is not None:
+        mask = mask & (k_pos > q_pos[..., None] - window)
+    return mask if q_pos.dim() == 1 else mask.unsqueeze(1)
+
+
 class KVCache(nn.Module):
-    """Static, preallocated keys and values of one layer: (B, n_query_groups, max_len, hs)."""
+    """Static, preallocated keys and values of one layer: (B, n_query_groups, max_len, hs).
+
+    Attention always reads the whole cache and masks what a query may not see, so shapes never
+    change from one decoding step to the next (no reallocation, one graph for `torch.compile`).
+    """
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype) -> None:
         super().__init__()
         shape = (batch_size, config.n_query_groups, max_len, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.arange(max_len, device=device)
+        self.max_len = max_len
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write the new keys/values at `input_pos`; return the cache up to the last one."""
-        if int(input_pos[-1]) >= self.k.size(2):
-            raise ValueError(
-                f"position {int(input_pos[-1])} is past the KV cache length {self.k.size(2)}"
-            )
-        self.k[: k.size(0)].index_copy_(2, input_pos, k)
-        self.v[: v.size(0)].index_copy_(2, input_pos, v)
-        end = int(input_pos[-1]) + 1
-        return self.k[: k.size(0), :, :end], self.v[: v.size(0), :, :end]
+        """Write the new keys/values at `input_pos` ((T,), or (B, T) per row); return the cache
+        of the first B rows, all `max_len` slots."""
+        B = k.size(0)
+        if input_pos.dim() == 1:
+            self.k[:B].index_copy_(2, input_pos, k)
+            self.v[:B].index_copy_(2, input_pos, v)
+        else:
+            index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
+            self.k[:B].scatter_(2, index, k)
+            self.v[:B].scatter_(2, index, v)
+        return self.k[:B], self.v[:B]
 
 
 class RMSNorm(nn.Module):

@@ -78,7 +78,7 @@ def pretrain(
     from lifecycle_cli.objectives import next_token_loss
     from lifecycle_cli.train.fabric import is_sharded, make_optimizer, setup_fabric
     from lifecycle_cli.train.loop import Run, fit
-    from lifecycle_cli.train.state import Progress, find_resume, load_step
+    from lifecycle_cli.train.state import Progress, find_resume, load_step, save_final
     from lifecycle_cli.train.throughput import flops_per_token, n_params
 
     config = choose_config(model_name, model_config, initial_checkpoint_dir, load_config)
@@ -156,7 +156,6 @@ def pretrain(
         eval=eval,
         out_dir=out_dir,
         max_steps=max_steps,
-        tokens_per_sample=seq_length,
         flops_per_token=flops_per_token(config, seq_length),
         tokenizer_dir=tok_dir,
         logger=logger,
@@ -164,6 +163,7 @@ def pretrain(
     progress = fit(fabric, model, optimizer, run, progress)
     if progress.step < max_steps:
         raise SystemExit(130)
+    save_final(fabric, out_dir / "final", model, tok_dir)
     fabric.print(f"Saved {out_dir / 'final'}")
 
 

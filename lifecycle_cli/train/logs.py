@@ -20,12 +20,15 @@ class MetricsLog:
     On resume, rows after the resumed step are dropped so the file reads like one run.
     """
 
-    def __init__(self, out_dir: Path, resume_step: int = 0, tensorboard: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, resume_step: int = 0, tensorboard: bool = False, extra=()
+    ) -> None:
         self.path = out_dir / "metrics.csv"
+        self.columns = (*COLUMNS, *extra)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = [r for r in read_metrics(self.path) if int(r["step"]) <= resume_step]
         with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         self.tb = None
@@ -37,7 +40,7 @@ class MetricsLog:
     def log(self, step: int, **values: Optional[float]) -> None:
         row = {"step": step, **{k: v for k, v in values.items() if v is not None}}
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writerow(row)
+            csv.DictWriter(f, self.columns).writerow(row)
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step":

@@ -22,7 +22,7 @@ import torch
 from lifecycle_cli.train.args import EvalArgs, TrainArgs
 from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
 from lifecycle_cli.train.schedule import lr_at
-from lifecycle_cli.train.state import Progress, prune_steps, save_final, save_step
+from lifecycle_cli.train.state import Progress, prune_steps, save_step
 from lifecycle_cli.train.throughput import Throughput, peak_flops
 
 
@@ -37,24 +37,27 @@ class Run:
     eval: EvalArgs
     out_dir: Path
     max_steps: int
-    tokens_per_sample: int
     flops_per_token: float
     tokenizer_dir: Optional[Path] = None
     logger: str = "csv"
+    # Extra validation metrics (e.g. exact match by generation) and their names.
     extra_eval: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None
+    extra_metrics: tuple[str, ...] = ()
     history: list[dict[str, float]] = field(default_factory=list)
 
 
 def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
-    """Train until run.max_steps (or a SIGINT/SIGTERM); return the final counters."""
+    """Train until run.max_steps (or a SIGINT/SIGTERM); return the final counters.
+
+    The caller writes final/ (what it holds depends on the verb: merged LoRA, a classifier).
+    """
     args, world = run.train, fabric.world_size
     accumulation = args.accumulation(world)
     per_rank = args.global_batch_size // world
-    log = (
-        MetricsLog(run.out_dir, progress.step, run.logger == "tensorboard")
-        if rank0(fabric)
-        else None
-    )
+    log = None
+    if rank0(fabric):
+        tensorboard = run.logger == "tensorboard"
+        log = MetricsLog(run.out_dir, progress.step, tensorboard, run.extra_metrics)
     peak = peak_flops(fabric.device.type, str(fabric.strategy.precision.precision))
     speed = Throughput(run.flops_per_token, peak, world)
     bar = ProgressBar(run.max_steps, progress.step, enabled=rank0(fabric))
@@ -70,6 +73,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             model.train()
             first = progress.samples + fabric.global_rank * per_rank
             loss_sum = torch.zeros((), device=fabric.device)
+            tokens = torch.zeros((), device=fabric.device, dtype=torch.long)
             for micro in range(accumulation):
                 start = first + micro * args.micro_batch_size
                 batch = run.train_data.get(range(start, start + args.micro_batch_size))
@@ -78,6 +82,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
                     loss = run.objective(model, batch)
                     fabric.backward(loss / accumulation)
                 loss_sum += loss.detach()
+                tokens += count_tokens(batch)
             grad_norm = None
             if args.max_norm is not None:
                 grad_norm = fabric.clip_gradients(model, optimizer, max_norm=args.max_norm)
@@ -85,8 +90,11 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.samples += args.global_batch_size
-            progress.tokens += args.global_batch_size * run.tokens_per_sample
-            speed.step(args.global_batch_size * run.tokens_per_sample)
+            step_tokens = (
+                int(fabric.all_reduce(tokens, reduce_op="sum")) if world > 1 else int(tokens)
+            )
+            progress.tokens += step_tokens
+            speed.step(step_tokens)
 
             if progress.step % args.log_interval == 0 or progress.step == run.max_steps:
                 train_loss = fabric.all_reduce(loss_sum / accumulation, reduce_op="mean").item()
@@ -115,10 +123,8 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     finally:
         bar.close()
         stop.restore()
-    if progress.step == run.max_steps:
-        save_final(fabric, run.out_dir / "final", model, run.tokenizer_dir)
-        if rank0(fabric):
-            plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")
+    if progress.step == run.max_steps and rank0(fabric):
+        plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")
     return progress
 
 
@@ -156,6 +162,13 @@ def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> float:
     run.history.append({"step": progress.step, "val_loss": val_loss, **extra})
     model.train()
     return val_loss
+
+
+def count_tokens(batch) -> int | torch.Tensor:
+    """Tokens the model reads in a batch: (B, T + 1) token blocks or a dict from a dataset."""
+    if isinstance(batch, dict):
+        return batch["n_tokens"] if "n_tokens" in batch else batch["input_ids"].numel()
+    return batch.size(0) * (batch.size(1) - 1)
 
 
 def rank0(fabric) -> bool:

@@ -60,20 +60,24 @@ def peak_flops(device_type: str, precision: str) -> float:
     return matmul_probe(device_type, torch.bfloat16 if half else torch.float32)
 
 
-def matmul_probe(device_type: str, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3):
-    """Measured FLOP/s of square matmuls on this device with the current thread count."""
+def matmul_probe(device_type: str, dtype: torch.dtype, size: int = 1024, trials: int = 5) -> float:
+    """Measured FLOP/s of square matmuls on this device with the current thread count.
+
+    The best of a few short trials, so a busy moment does not pass for the peak.
+    """
     a = torch.randn(size, size, device=device_type, dtype=dtype)
     b = torch.randn(size, size, device=device_type, dtype=dtype)
-    a @ b  # warm-up
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    sync()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
+    a @ b  # warm-up
+    best, reps = 0.0, 4 if device_type == "cpu" else 50
+    for _ in range(trials):
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
             a @ b
         sync()
-        n += 10
-    return 2 * size**3 * n / (time.perf_counter() - start)
+        best = max(best, 2 * size**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 class Throughput:

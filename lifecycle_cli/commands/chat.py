@@ -1,0 +1,184 @@
+"""`llmcycle chat`: talk to a model in the terminal, keeping the conversation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional, Union
+
+FENCE = '"""'
+HELP = (
+    "Enter sends a message; an empty line or /exit quits (so does Ctrl-D); /reset forgets the "
+    f"conversation; {FENCE} on its own line starts and ends a message of several lines; "
+    "Ctrl-C stops a reply."
+)
+
+
+def chat(
+    checkpoint_dir: Path,
+    max_new_tokens: int = 256,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 50,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: Optional[int] = None,
+    stop: Union[list[str], str] = (),
+    prompt_style: str = "auto",
+    system: Optional[str] = None,
+    precision: Optional[str] = None,
+    device: str = "auto",
+    compile: bool = False,
+) -> None:
+    """Chat with a model in the terminal. The whole conversation is the prompt of each reply
+    (the oldest exchanges are dropped when it would not fit the context).
+
+    Enter sends a message; an empty line, /exit or Ctrl-D quits; /reset forgets the
+    conversation; a line of three double quotes starts and ends a message of several lines;
+    Ctrl-C stops a reply but not the chat. After each reply the time it took goes to stderr.
+
+    Args:
+        checkpoint_dir: The checkpoint folder (with its tokenizer).
+        max_new_tokens: At most this many tokens per reply.
+        temperature: Sampling temperature; 0 picks the most likely token every time (greedy).
+        top_k: Sample only among the k most likely tokens (null: all).
+        top_p: Sample only among the most likely tokens that together hold this probability.
+        min_p: Drop tokens less likely than min_p times the most likely one (0: off).
+        repetition_penalty: Above 1, tokens already in the conversation become less likely.
+        seed: Random seed, for replies that repeat run after run.
+        stop: A string (or a list, `--stop '["a", "b"]'`) that ends a reply, besides the
+            prompt style's own end-of-turn markers. `\\n` and `\\t` stand for newline and tab.
+        prompt_style: How the conversation is formatted. `auto`: the style saved with a
+            finetuned checkpoint (prompt_style.yaml), else the tokenizer's chat template, else
+            plain. Or one of: chat_template, alpaca, chatml, llama3, llama2, mistral, phi3,
+            gemma, qwen, plain.
+        system: A system prompt that leads the conversation.
+        precision: 32-true, bf16-true or 16-true (default: bf16-true on a GPU that supports
+            it, else 32-true).
+        device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.
+        compile: Compile the decoding step with torch.compile (some seconds before the first
+            reply, faster after).
+    """
+    from lifecycle_cli.api import load_for_inference
+    from lifecycle_cli.generate import SamplingParams, unescape
+
+    stops = tuple(unescape(s) for s in ([stop] if isinstance(stop, str) else stop) if s)
+    sampling = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
+    SamplingParams(**sampling)  # bad values fail before the model loads
+    llm = load_for_inference(checkpoint_dir, device, precision)
+    style = llm.prompt_style(prompt_style, default="chat")
+    params = SamplingParams(stop=stops + style.stop, **sampling)
+    session = ChatSession(llm.generator(compile=compile), llm.tokenizer, style, params, system)
+    print(
+        f"Now chatting with {Path(checkpoint_dir).name} ({style.name} prompt style).",
+        file=sys.stderr,
+    )
+    print(HELP, file=sys.stderr)
+    session.run()
+
+
+class ChatSession:
+    """The loop: read a message, fit the conversation into the context, stream the reply.
+
+    Takes a `Generator`, its `Tokenizer`, a `PromptStyle` and `SamplingParams` (typed loosely
+    here: jsonargparse resolves this module's type-checking imports, and `--help` must not
+    import torch).
+    """
+
+    def __init__(
+        self, generator: Any, tokenizer: Any, style: Any, params: Any, system: Optional[str] = None
+    ) -> None:
+        self.generator, self.tokenizer, self.style = generator, tokenizer, style
+        self.params, self.system = params, system
+        self.history: list[dict[str, str]] = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                message = read_message()
+            except EOFError:  # Ctrl-D
+                print()
+                return
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, not an exit
+                print()
+                continue
+            command = message.strip()
+            if command in ("", "/exit", "/quit"):
+                return
+            if command == "/reset":
+                self.history = []
+                print("(conversation reset)", file=sys.stderr)
+                continue
+            self.reply(message)
+
+    def reply(self, message: str) -> None:
+        from lifecycle_cli.errors import UserError
+        from lifecycle_cli.generate import format_stats
+
+        self.history.append({"role": "user", "content": message})
+        try:
+            ids = self.fit()
+        except UserError as e:
+            self.history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            return
+        print(">> Reply: ", end="", flush=True)
+        stream = self.generator.stream(ids, self.params)
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            print("\n(reply stopped)", end="", file=sys.stderr)
+        print(flush=True)
+        self.history.append({"role": "assistant", "content": stream.completion.text})
+        print(format_stats(stream.completion), file=sys.stderr, flush=True)
+
+    def fit(self) -> list[int]:
+        """The prompt's ids, dropping the oldest exchanges until it leaves room for a reply."""
+        from lifecycle_cli.generate import check_prompt_length
+
+        context = self.generator.context
+        room = min(self.params.max_new_tokens, context // 2)
+        dropped = 0
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            text = self.style.render(system + self.history)
+            ids = self.style.encode(self.tokenizer, text)
+            if len(ids) + room <= context or len(self.history) <= 1:
+                break
+            # The oldest user message and the reply to it go together.
+            cut = 2 if len(self.history) > 2 and self.history[1]["role"] == "assistant" else 1
+            self.history = self.history[cut:]
+            dropped += cut
+        if dropped:
+            print(
+                f"(dropped the {dropped} oldest messages to fit the context of {context} tokens)",
+                file=sys.stderr,
+            )
+        check_prompt_length(len(ids), context, "your message")
+        return ids
+
+
+def read_message() -> str:
+    """One message from stdin; a line that starts with three double quotes opens a message of
+    several lines, closed by a line that ends with them."""
+    line = input(">> Prompt: ")
+    if not line.lstrip().startswith(FENCE):
+        return line
+    first = line.lstrip()[len(FENCE) :]
+    if first.rstrip().endswith(FENCE):  # """one line"""
+        return first.rstrip()[: -len(FENCE)]
+    lines = [first] if first.strip() else []
+    while True:
+        line = input()
+        if line.rstrip().endswith(FENCE):
+            last = line.rstrip()[: -len(FENCE)]
+            if last.strip():
+                lines.append(last)
+            return "\n".join(lines)
+        lines.append(line)

@@ -1,0 +1,244 @@
+"""Synthetic tasks whose answers can be checked exactly: finetuning made measurable in minutes.
+
+Each task writes a short instruction with its operands and an answer, one character per
+"word" ("reverse: c a t" -> "t a c", "add: 1 7 + 2 5" -> "4 2", "next: 1 2, 1 5, 1 8" -> "2 1"):
+a byte-level BPE then gives each letter or digit a token of its own (" a", " 7"), so a tiny
+model never has to spell out the inside of a merged token. The `input` field of the Alpaca
+records is left empty, so every prompt style renders a task the same way.
+
+`make_examples` draws a task's validation examples first and its training examples after them,
+from a random stream of its own (seeded by the seed and the task's name): the validation set
+does not change when the training size or the other tasks change, and no (instruction, input)
+pair is in both sets or twice in one.
+
+Export to JSONL (readable by `--data.path`):
+
+    python -m lifecycle_cli.data.synthetic --tasks reverse,add --n_train 1000 --n_val 100 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from lifecycle_cli.errors import UserError
+
+Example = tuple[str, str, str]  # (instruction, input, output)
+LETTERS = string.ascii_lowercase
+
+
+def spaced(chars) -> str:
+    """'cat' -> 'c a t': one token per character for a byte-level BPE."""
+    return " ".join(str(c) for c in chars)
+
+
+def _word(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+
+
+def _words(lo: int, hi: int) -> int:
+    return sum(len(LETTERS) ** k for k in range(lo, hi + 1))
+
+
+def _copy(rng: random.Random) -> Example:
+    w = _word(rng)
+    return f"copy: {spaced(w)}", "", spaced(w)
+
+
+def _reverse(rng: random.Random) -> Example:
+    w = _word(rng)
+    return f"reverse: {spaced(w)}", "", spaced(w[::-1])
+
+
+def _upper(rng: random.Random) -> Example:
+    w = _word(rng)
+    return f"upper: {spaced(w)}", "", spaced(w.upper())
+
+
+def _sort(rng: random.Random) -> Example:
+    w = _word(rng)
+    return f"sort: {spaced(w)}", "", spaced(sorted(w))
+
+
+def _add(rng: random.Random) -> Example:
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    return f"add: {spaced(str(a))} + {spaced(str(b))}", "", spaced(str(a + b))
+
+
+def _next_sequences() -> list[tuple[int, ...]]:
+    # 3 or 4 terms, then the answer; steps +-1..9; every number in 0..99.
+    out = []
+    for shown in (3, 4):
+        for step in [*range(-9, 0), *range(1, 10)]:
+            for start in range(100):
+                terms = tuple(start + k * step for k in range(shown + 1))
+                if all(0 <= t <= 99 for t in terms):
+                    out.append(terms)
+    return out
+
+
+_NEXT = _next_sequences()
+
+
+def _next(rng: random.Random) -> Example:
+    *shown, answer = rng.choice(_NEXT)
+    return f"next: {', '.join(spaced(str(t)) for t in shown)}", "", spaced(str(answer))
+
+
+def _length(rng: random.Random) -> Example:
+    w = _word(rng, 3, 9)
+    return f"length: {spaced(w)}", "", str(len(w))
+
+
+def _max(rng: random.Random) -> Example:
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+    return f"max: {spaced(digits)}", "", str(max(digits))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic task: `task(rng)` -> (instruction, input, output); `size`: how many distinct
+    (instruction, input) pairs it can produce."""
+
+    name: str
+    make: Callable[[random.Random], Example]
+    size: int
+    about: str
+
+    def __call__(self, rng: random.Random) -> Example:
+        return self.make(rng)
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("copy", _copy, _words(3, 5), "repeat a 3-5 letter word"),
+        Task("reverse", _reverse, _words(3, 5), "a 3-5 letter word backwards"),
+        Task("upper", _upper, _words(3, 5), "a 3-5 letter word in capitals"),
+        Task("sort", _sort, _words(3, 5), "the letters of a 3-5 letter word in order"),
+        Task("add", _add, 50 * 50, "the sum of two numbers 0-49"),
+        Task("next", _next, len(_NEXT), "the next number of an arithmetic sequence"),
+        Task("length", _length, _words(3, 9), "how many letters a 3-9 letter word has"),
+        Task("max", _max, 10**3 + 10**4 + 10**5, "the largest of 3-5 digits"),
+    )
+}
+
+
+def parse_tasks(spec: str | Sequence[str]) -> list[str]:
+    """Task names from 'reverse,add' (or a list); 'all' is every task. Order kept, repeats
+    dropped; an unknown name is a UserError listing the tasks."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for raw in names:
+        name = str(raw).strip().lower()
+        if not name:
+            continue
+        if name == "all":
+            out += [n for n in TASKS if n not in out]
+            continue
+        if name not in TASKS:
+            raise UserError(
+                f"unknown synthetic task {name!r} (choose from {', '.join(TASKS)}, or all)"
+            )
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise UserError(f"no synthetic task named (choose from {', '.join(TASKS)}, or all)")
+    return out
+
+
+def make_examples(
+    tasks: str | Sequence[str], n_train: int, n_val: int, seed: int = 42
+) -> tuple[list[dict], list[dict]]:
+    """(train, validation) Alpaca records {"instruction", "input", "output", "task"}: `n_train`
+    and `n_val` per task. No (instruction, input) pair is repeated within or across the two sets.
+    Training examples are shuffled; validation examples take the tasks in turn (so any prefix
+    of them covers every task about equally). The same arguments give the same examples."""
+    names = parse_tasks(tasks)
+    if n_train < 0 or n_val < 0:
+        raise UserError(f"synthetic set sizes must be >= 0, got {n_train} and {n_val}")
+    train: list[dict] = []
+    val_by_task: list[list[dict]] = []
+    for name in names:
+        task = TASKS[name]
+        if n_train + n_val > task.size:
+            raise UserError(
+                f"synthetic task {name!r} has only {task.size} distinct examples; asked for "
+                f"{n_train} training + {n_val} validation"
+            )
+        rng = random.Random(f"llmcycle-synthetic/{seed}/{name}")
+        seen: set[tuple[str, str]] = set()
+        val_by_task.append(_draw(task, rng, seen, n_val))
+        train += _draw(task, rng, seen, n_train)
+    random.Random(f"llmcycle-synthetic/{seed}/order").shuffle(train)
+    val = [ex for group in zip(*val_by_task) for ex in group]  # all groups have n_val items
+    return train, val
+
+
+def _draw(task: Task, rng: random.Random, seen: set[tuple[str, str]], n: int) -> list[dict]:
+    """`n` new examples of `task` whose (instruction, input) is not in `seen` (added to it)."""
+    out: list[dict] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 100 * n + 10_000:  # cannot happen while `task.size` is right
+            raise RuntimeError(f"synthetic task {task.name!r} ran out of distinct examples")
+        instruction, inp, output = task(rng)
+        if (instruction, inp) not in seen:
+            seen.add((instruction, inp))
+            out.append(
+                {"instruction": instruction, "input": inp, "output": output, "task": task.name}
+            )
+    return out
+
+
+def exact_match(prediction: str, expected: str) -> bool:
+    """Whether an answer equals the expected one, up to whitespace at the ends and runs of
+    whitespace inside ("t a c\\n" matches "t a c"; "tac" does not)."""
+    return prediction.split() == expected.split()
+
+
+def write_jsonl(examples: Sequence[dict], path: Path | str) -> Path:
+    """Write one JSON record per line (UTF-8); parent folders are made. The path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lifecycle_cli.data.synthetic",
+        description="Write synthetic task examples as train.jsonl and val.jsonl (Alpaca records).",
+        epilog="tasks: " + "; ".join(f"{t.name}: {t.about}" for t in TASKS.values()),
+    )
+    parser.add_argument("--tasks", required=True, help="comma-separated task names, or all")
+    parser.add_argument("--n_train", type=int, default=2000, help="training examples per task")
+    parser.add_argument("--n_val", type=int, default=100, help="validation examples per task")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        train, val = make_examples(args.tasks, args.n_train, args.n_val, args.seed)
+        for name, examples in (("train.jsonl", train), ("val.jsonl", val)):
+            path = write_jsonl(examples, args.out / name)
+            print(f"wrote {len(examples)} examples to {path}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""LoRA: low-rank adapters injected into the one `GPT`'s linear layers, merged back when done.
+
+A chosen `nn.Linear` becomes a `LoRALinear` holding the same weight and bias (same state-dict
+names) plus `lora_A` (r, in) and `lora_B` (out, r): y = W x + b + (alpha / r) B A dropout(x).
+The fused `attn.qkv` gets one rank-r adapter per enabled part, as if queries, keys and values
+were separate layers (what LitGPT and PEFT train): `lora_A` stacks their A ((r * parts, in)),
+`lora_B` holds B rows for the enabled output rows only; disabled rows cost nothing.
+
+This module is imported for `LoRAArgs` by `llmcycle finetune --help`, which must not import
+torch: the layer class is therefore built on first use (`LoRALinear` resolves lazily).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lifecycle_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from lifecycle_cli.model import GPT
+
+METADATA_KEY = "lora_args"
+
+
+@dataclass
+class LoRAArgs:
+    """Low-rank adapters: their size and the layers that get one."""
+
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: int = 16
+    """Scale: the adapter's output is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input during training."""
+    query: bool = True
+    """Adapt the attention queries."""
+    key: bool = False
+    """Adapt the attention keys."""
+    value: bool = True
+    """Adapt the attention values."""
+    projection: bool = False
+    """Adapt the attention output projection."""
+    mlp: bool = False
+    """Adapt every linear layer of the MLP (of every expert in a mixture of experts)."""
+    head: bool = False
+    """Adapt the output head (not possible when it shares its weight with the embeddings)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise UserError(
+                f"--lora.r must be >= 1, --lora.alpha > 0 and 0 <= --lora.dropout < 1 "
+                f"(got r={self.r}, alpha={self.alpha}, dropout={self.dropout})"
+            )
+
+
+@functools.cache
+def _lora_linear() -> type:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class LoRALinear(nn.Linear):
+        """`base`'s weight and bias plus one rank-r adapter per part: `parts` are (start, size)
+        ranges of output rows (default: all rows). lora_A stacks the parts' A (r rows each),
+        lora_B their B (`size` rows each)."""
+
+        def __init__(self, base: nn.Linear, args: LoRAArgs, parts=None) -> None:
+            super().__init__(base.in_features, base.out_features, base.bias is not None, "meta")
+            self.weight, self.bias = base.weight, base.bias
+            self.parts = tuple(parts or [(0, base.out_features)])
+            self.r, self.scaling = args.r, args.alpha / args.r
+            rows = sum(size for _, size in self.parts)
+            like = {"device": base.weight.device, "dtype": base.weight.dtype}
+            self.lora_A = nn.Parameter(
+                torch.empty(len(self.parts) * args.r, self.in_features, **like)
+            )
+            self.lora_B = nn.Parameter(torch.zeros(rows, args.r, **like))  # starts as a no-op
+            if self.lora_A.device.type != "meta":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and LoRA
+            self.lora_dropout = nn.Dropout(args.dropout) if args.dropout else nn.Identity()
+            self.train(base.training)  # an eval-mode model stays in eval mode
+
+        def pieces(self):
+            """(output rows, A, B) of each part."""
+            bs = self.lora_B.split([size for _, size in self.parts])
+            rows = [slice(start, start + size) for start, size in self.parts]
+            return zip(rows, self.lora_A.split(self.r), bs)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.linear(x, self.weight, self.bias)
+            ax = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
+            if self.parts == ((0, self.out_features),):
+                return y + F.linear(ax, self.lora_B)
+            out, done = [], 0  # y's rows, the adapted ones plus their delta (out of place)
+            for (rows, _, b), a_x in zip(self.pieces(), ax.split(self.r, dim=-1)):
+                out += [y[..., done : rows.start], y[..., rows] + F.linear(a_x, b)]
+                done = rows.stop
+            return torch.cat([*out, y[..., done:]], dim=-1)
+
+        @torch.no_grad()
+        def merged(self) -> nn.Linear:
+            """A plain nn.Linear with weight W + scaling * B A on each part's rows."""
+            for rows, a, b in self.pieces():
+                self.weight[rows] += (b @ a * self.scaling).to(self.weight.dtype)
+            plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta")
+            plain.weight, plain.bias = self.weight, self.bias
+            return plain
+
+    LoRALinear.__module__, LoRALinear.__qualname__ = __name__, "LoRALinear"
+    return LoRALinear
+
+
+def __getattr__(name: str):  # `lifecycle_cli.lora.LoRALinear`, built (torch imported) on use
+    if name == "LoRALinear":
+        return _lora_linear()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def inject_lora(model: GPT, args: LoRAArgs) -> int:
+    """Put adapters on the layers `args` chooses, freeze everything else; the number of
+    trainable parameters. Call it before Fabric (or DDP/FSDP) wraps the model."""
+    from torch import nn
+
+    if has_lora(model):
+        raise UserError("the model already has LoRA adapters")
+    config, LoRALinear = model.config, _lora_linear()
+    if args.head and config.tie_embeddings:
+        raise UserError(
+            "--lora.head true: this model's output head shares its weight with the token "
+            "embeddings (tie_embeddings), so an adapter on it cannot be merged; leave it off"
+        )
+    q, kv = config.n_head * config.head_size, config.n_query_groups * config.head_size
+    spans = {"query": (0, q), "key": (q, kv), "value": (q + kv, kv)}  # rows of attn.qkv
+    qkv = [span for part, span in spans.items() if getattr(args, part)]
+    targets = {}  # module name -> parts
+    for i, block in enumerate(model.blocks):
+        if qkv:
+            targets[f"blocks.{i}.attn.qkv"] = qkv
+        if args.projection:
+            targets[f"blocks.{i}.attn.proj"] = None
+        if args.mlp:  # every expert's layers; a mixture's router (`mlp.gate`) stays frozen
+            router = block.mlp.gate if config.mlp == "moe" else None
+            for name, module in block.mlp.named_modules(prefix=f"blocks.{i}.mlp"):
+                if isinstance(module, nn.Linear) and module is not router:
+                    targets[name] = None
+    if args.head:
+        targets["lm_head"] = None
+    if not targets:
+        raise UserError("LoRA adapts no layer: enable at least one of --lora.query/key/value/...")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, parts in targets.items():
+        _replace(model, name, LoRALinear(model.get_submodule(name), args, parts))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def has_lora(model) -> bool:
+    return bool(_adapted(model))
+
+
+def _adapted(model) -> dict:
+    """The model's LoRALinear modules by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _lora_linear())}
+
+
+def _replace(model, name: str, module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def lora_state_dict(model) -> dict[str, Tensor]:
+    """The adapter tensors only, by state-dict name (`blocks.0.attn.qkv.lora_A`, ...)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def save_lora(model, path: Path, args: LoRAArgs) -> int:
+    """Write the adapters to `path` (safetensors, `args` in its metadata); its size in bytes."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    if not tensors:
+        raise UserError("the model has no LoRA adapters to save")
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(dataclasses.asdict(args))}
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)  # a crash never leaves half a file under the real name
+    return path.stat().st_size
+
+
+def load_lora(model, path: Path) -> LoRAArgs:
+    """Load adapters that `save_lora` wrote; inject them first if the model has none.
+
+    On a mismatch the model is left with (no-op) freshly injected adapters."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"cannot read LoRA adapters {path}: {e}") from None
+    try:
+        args = LoRAArgs(**json.loads(metadata[METADATA_KEY]))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: no LoRA settings in its metadata (not from save_lora)") from None
+    if not has_lora(model):
+        inject_lora(model, args)
+    expected = lora_state_dict(model)
+    bad = sorted(set(expected) ^ set(tensors))
+    bad += sorted(
+        k for k in tensors.keys() & expected.keys() if tensors[k].shape != expected[k].shape
+    )
+    bad += [name for name, m in _adapted(model).items() if m.scaling != args.alpha / args.r]
+    if bad:
+        raise UserError(
+            f"{path}: adapters do not fit this model (r={args.r}, alpha={args.alpha}; "
+            f"first mismatch: {bad[0]})"
+        )
+    model.load_state_dict(tensors, strict=False)
+    return args
+
+
+def merge_lora(model) -> None:
+    """Fold every adapter into its base weight and make the layers plain nn.Linear again: the
+    state dict then has exactly a plain GPT's keys. Parameters stay as frozen as they were."""
+    for name, module in _adapted(model).items():
+        _replace(model, name, module.merged())

@@ -1,0 +1,143 @@
+"""`llmcycle finetune`: full and LoRA on synthetic tasks and instruction files, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifecycle_cli import LLM
+from lifecycle_cli.checkpoint import iter_tensors, save_checkpoint, weight_files
+from lifecycle_cli.config import Config
+from lifecycle_cli.model import GPT
+from lifecycle_cli.tokenizer import train_bpe
+from lifecycle_cli.train.logs import read_metrics
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny random-init checkpoint with a 512-token BPE."""
+    from pydoc_data.topics import topics
+
+    folder = tmp_path_factory.mktemp("base")
+    tok = train_bpe(None, 512, folder / "tok", texts=list(topics.values()))
+    config = Config(
+        name="tiny", block_size=128, vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4,
+        n_query_groups=2, intermediate_size=128, norm="rmsnorm", mlp="swiglu", bias=False,
+        tie_embeddings=True, hf_model_type="llama",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    save_checkpoint(folder / "ckpt", GPT(config), tokenizer_dir=folder / "tok")
+    return folder / "ckpt"
+
+
+def llmcycle(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lifecycle_cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+COMMON = [
+    "--data.synthetic", "reverse,add", "--data.synthetic_train_size", "400",
+    "--data.synthetic_val_size", "20", "--prompt_style", "plain", "--train.max_steps", "30",
+    "--train.global_batch_size", "16", "--train.micro_batch_size", "8", "--train.lr", "3e-3",
+    "--train.warmup_steps", "3", "--eval.interval", "15", "--exact_match_samples", "16",
+    "--max_new_tokens", "6",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetune_on_synthetic_tasks(method, base, tmp_path):
+    out = tmp_path / "out"
+    proc = llmcycle("finetune", str(base), "--method", method, "--out_dir", str(out), *COMMON,
+                    cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in read_metrics(out / "metrics.csv") if r["val_loss"]]
+    assert len(rows) == 2
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
+    assert all(0.0 <= float(r["exact_match"]) <= 1.0 for r in rows)
+    assert "trainable parameters" in proc.stdout
+
+    llm = LLM.load(out / "final")  # a plain checkpoint whatever the method
+    assert (out / "final" / "prompt_style.yaml").read_text().strip() == "name: plain"
+    names = set(dict(iter_tensors(weight_files(out / "final"))))
+    assert not any("lora" in n for n in names)
+    base_weights = dict(iter_tensors(weight_files(base)))
+    changed = [n for n in names if not torch.equal(llm.model.state_dict()[n], base_weights[n])]
+    if method == "lora":  # query and value rows of qkv only, by default
+        assert sorted(changed) == ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"]
+        adapter = out / "lora.safetensors"
+        assert 0 < adapter.stat().st_size < 100_000
+        assert f"({adapter.stat().st_size:,} bytes)" in proc.stdout
+    else:
+        assert len(changed) == len(names)
+
+
+@pytest.mark.parametrize(
+    "setup, flags, message",
+    [
+        ("bad_jsonl", [], "data.jsonl:2"),
+        ("good", ["--prompt_style", "nope"], "unknown prompt style 'nope'"),
+        ("good", ["--method", "qlora"], "--method qlora"),
+        ("good", ["--train.max_seq_length", "4096"], "exceeds the model's context"),
+        ("none", [], "not a checkpoint folder"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(setup, flags, message, base, tmp_path):
+    data = tmp_path / "data.jsonl"
+    good = {"instruction": "say hi", "input": "", "output": "hi"}
+    lines = [json.dumps(good)] * 20
+    if setup == "bad_jsonl":
+        lines[1] = '{"instruction": "x", "output": }'
+    data.write_text("\n".join(lines) + "\n")
+    ckpt = str(base) if setup != "none" else str(tmp_path)
+    args = ["finetune", ckpt, "--data.path", str(data), "--train.max_steps", "1", *flags]
+    proc = llmcycle(*args, "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_classification_reaches_95_percent_on_a_separable_set(base, tmp_path):
+    from lifecycle_cli.classifier import Classifier
+    from lifecycle_cli.data.classify import ClassificationDataset, make_separable_examples
+
+    rows = make_separable_examples(400, seed=0)
+    data = tmp_path / "spam.csv"
+    with data.open("w", newline="") as f:
+        import csv
+
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    proc = llmcycle(
+        "finetune", str(base), "--data.path", str(data), "--method", "full",
+        "--trainable_blocks", "1", "--train.max_steps", "80", "--train.global_batch_size", "16",
+        "--train.micro_batch_size", "16", "--train.lr", "3e-3", "--eval.interval", "40",
+        "--train.epochs", "10",
+        "--out_dir", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "classification into 2 classes: ham, spam" in proc.stdout
+    accuracy = [float(r["accuracy"]) for r in read_metrics(out / "metrics.csv") if r["accuracy"]]
+    assert accuracy[-1] >= 0.95, accuracy
+    assert "true \\ predicted" in proc.stdout  # the confusion table
+
+    # Only the last block, the final norm and the class head were trained.
+    final = dict(iter_tensors(weight_files(out / "final")))
+    before = dict(iter_tensors(weight_files(base)))
+    assert torch.equal(final["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(final["blocks.1.attn.qkv.weight"], before["blocks.1.attn.qkv.weight"])
+
+    classifier = Classifier.load(out / "final")
+    val = ClassificationDataset(rows[:64], LLM.load(base).tokenizer, classifier.labels, 128, 0)
+    batch = val.get(range(64))
+    with torch.no_grad():
+        predicted = classifier(batch["input_ids"], batch["last_index"]).argmax(-1)
+    assert (predicted == batch["labels"]).float().mean() >= 0.95
