@@ -90,12 +90,7 @@ def finetune(
     if trainable_blocks is not None and method != "full":
         raise UserError("--trainable_blocks applies to --method full")
     tokenizer = Tokenizer(checkpoint_dir)
-    seq_length = train.max_seq_length or config.block_size
-    if seq_length > config.block_size:
-        raise UserError(
-            f"--train.max_seq_length {seq_length} exceeds the model's context "
-            f"(block_size {config.block_size})"
-        )
+    seq_length = train.seq_length(config.block_size)
     classify = data.synthetic is None and detect_format(data) == "classification"
     train_examples, val_examples = load_examples(data)
     if classify:
@@ -130,7 +125,7 @@ def finetune(
     optimizer = fabric.setup_optimizers(optimizer)
     progress = load_step(fabric, resume_from, model, optimizer) if resume_from else Progress()
 
-    max_steps = total_steps(train, len(task.train_data))
+    max_steps = train.total_steps(len(task.train_data), seq_length)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         fabric.print(
@@ -274,19 +269,6 @@ def choose_style(name, checkpoint_dir, tokenizer):
     if name is None:
         name = "chat_template" if tokenizer.chat_template else "alpaca"
     return get_style(name, tokenizer)
-
-
-def total_steps(train: TrainArgs, n_train: int) -> int:
-    import math
-
-    limits = [train.max_steps] if train.max_steps else []
-    if train.epochs:
-        limits.append(max(1, math.ceil(train.epochs * n_train / train.global_batch_size)))
-    if train.max_tokens:
-        raise UserError(
-            "--train.max_tokens applies to pretraining; use --train.max_steps or epochs"
-        )
-    return min(limits)
 
 
 def exact_match(model, tokenizer, items, max_new_tokens: int) -> float:

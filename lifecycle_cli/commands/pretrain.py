@@ -99,12 +99,7 @@ def pretrain(
             f"tokenizer of {tok.vocab_size} tokens does not fit the model's vocab of "
             f"{config.vocab_size} ({initial_checkpoint_dir})"
         )
-    seq_length = train.max_seq_length or config.block_size
-    if seq_length > config.block_size:
-        raise UserError(
-            f"--train.max_seq_length {seq_length} exceeds the model's context "
-            f"(block_size {config.block_size})"
-        )
+    seq_length = train.seq_length(config.block_size)
 
     # Rank 0 tokenizes; the others then find the cache.
     if fabric.global_rank == 0:
@@ -128,7 +123,7 @@ def pretrain(
     optimizer = fabric.setup_optimizers(optimizer)
     progress = load_step(fabric, resume_from, model, optimizer) if resume_from else Progress()
 
-    max_steps = total_steps(train, seq_length, len(train_data))
+    max_steps = train.total_steps(len(train_data), seq_length)
     if fabric.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "hparams.yaml").write_text(yaml.safe_dump(hparams, sort_keys=False))
@@ -195,17 +190,6 @@ def get_tokenizer(fabric, tokenizer_dir, initial_checkpoint_dir, data, args, out
         train_bpe(None, args.vocab_size, folder, texts=iter_texts(files))
     fabric.barrier()
     return Tokenizer(folder), folder
-
-
-def total_steps(train: TrainArgs, seq_length: int, n_train: int) -> int:
-    limits = []
-    if train.max_steps:
-        limits.append(train.max_steps)
-    if train.max_tokens:
-        limits.append(max(1, train.max_tokens // (train.global_batch_size * seq_length)))
-    if train.epochs:
-        limits.append(max(1, math.ceil(train.epochs * n_train / train.global_batch_size)))
-    return min(limits)
 
 
 def to_yaml(value):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -60,6 +61,25 @@ class TrainArgs:
 
     def accumulation(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * world_size)
+
+    def seq_length(self, block_size: int) -> int:
+        """Tokens per sample: --train.max_seq_length, at most the model's context."""
+        length = self.max_seq_length or block_size
+        if length > block_size:
+            raise UserError(
+                f"--train.max_seq_length {length} exceeds the model's context "
+                f"(block_size {block_size})"
+            )
+        return length
+
+    def total_steps(self, n_samples: int, seq_length: int) -> int:
+        """Optimizer steps: the first of max_steps, max_tokens and epochs to be reached."""
+        limits = [self.max_steps] if self.max_steps else []
+        if self.max_tokens:
+            limits.append(max(1, self.max_tokens // (self.global_batch_size * seq_length)))
+        if self.epochs:
+            limits.append(max(1, math.ceil(self.epochs * n_samples / self.global_batch_size)))
+        return min(limits)
 
 
 @dataclass
