@@ -76,9 +76,11 @@ class LLM:
         default 'raw' none, with default 'chat' the tokenizer's chat template or plain)."""
         return resolve_style(self.checkpoint_dir, self.tokenizer, name, default)
 
-    def _prepare(
+    def prepare_prompt(
         self, prompt: str, prompt_style: Optional[str], system: Optional[str]
     ) -> tuple[list[int], tuple[str, ...]]:
+        """A user prompt as token ids, formatted by `prompt_style` (see `generate`), and the
+        style's stop strings."""
         if self.tokenizer is None:
             raise UserError(f"{self.checkpoint_dir} has no tokenizer.json: cannot encode text")
         style: Optional[PromptStyle] = self.prompt_style(prompt_style, default="raw")
@@ -115,7 +117,7 @@ class LLM:
         style (e.g. 'chat_template', 'alpaca') to format it as a user message.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prepared = [self._prepare(p, prompt_style, system) for p in prompts]
+        prepared = [self.prepare_prompt(p, prompt_style, system) for p in prompts]
         sampling = dict(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -140,7 +142,7 @@ class LLM:
         system: Optional[str] = None,
     ) -> Iterator[str]:
         """`generate`, as text pieces while they are generated (never half a character)."""
-        ids, style_stop = self._prepare(prompt, prompt_style, system)
+        ids, style_stop = self.prepare_prompt(prompt, prompt_style, system)
         params = self._params(
             stop, style_stop, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,

@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from lifecycle_cli.tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
-# A compiled decode step is compiled once per KV-cache length: start big enough for a chat.
-COMPILED_MIN_CACHE = 2048
 
 # Precision names, Lightning style, with the plain dtype names as aliases.
 PRECISIONS: dict[str, torch.dtype] = {
@@ -502,7 +500,9 @@ class Generator:
 
     compile: compile `decode_step` with `torch.compile` (inductor with weight freezing: the
     weights must not change while this generator is in use). Pays off for long outputs; the
-    first call takes some seconds to compile.
+    first call takes some seconds to compile, and so does the first call that needs a longer
+    cache (attention reads the whole cache, so a cache sized to the need beats one graph for
+    the whole context).
     """
 
     def __init__(
@@ -549,8 +549,6 @@ class Generator:
 
     def _ensure_cache(self, batch: int, length: int) -> None:
         length = min(max(256, 1 << (length - 1).bit_length()), self.context)
-        if self.compiled:  # fewer cache lengths, fewer recompiles as a chat grows
-            length = max(length, min(COMPILED_MIN_CACHE, self.context))
         cache = self.model.blocks[0].attn.kv_cache
         if self._cache_shape is not None and cache is self._cache:
             have_b, have_len = self._cache_shape

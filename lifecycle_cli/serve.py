@@ -33,6 +33,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -161,6 +162,8 @@ def _get_number(body: dict, name: str) -> Optional[float]:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"`{name}` must be a number, got {_json_type(value)}", name)
+    if not math.isfinite(value):
+        raise RequestError(f"`{name}` must be a finite number, got {value}", name)
     return float(value)
 
 
@@ -241,7 +244,8 @@ class Engine:
 
     A job is `{"ids": [...], "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop",
     "ignore_eos", "stream"}`. Streamed rows report each text piece; the others only their
-    `done` payload (`text`, `finish_reason`, `prompt_tokens`, `completion_tokens`).
+    `done` payload (`text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, and `batch`:
+    the most rows it decoded together with).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch_size: int) -> None:
@@ -293,6 +297,9 @@ class Engine:
                     admitted.append(self._admit(key, job, self.slots.index(None)))
                 except UserError as e:
                     events.append((key, "error", {"status": 400, "message": str(e)}))
+                except Exception as e:
+                    log.exception("admitting a request failed")
+                    events.append((key, "error", {"status": 500, "message": str(e)}))
             for group in _prefill_groups(admitted):
                 try:
                     self._prefill(group, events)
@@ -409,7 +416,7 @@ class Engine:
             row.batch = max(row.batch, len(rows))
         token_in = torch.tensor(tokens, dtype=torch.long, device=self.device).view(n, 1)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(n, 1)
-        with self._cache_window(0, n, -(-(max(positions) + 1) // 16) * 16):
+        with self._cache_window(0, n, max(positions) + 1):
             logits = decode_step(self.model, token_in, pos)
         slots = [row.slot for row in rows]
         if slots != list(range(n)):
@@ -555,6 +562,8 @@ class EngineAPI(ls.LitAPI):
         except UserError as e:
             self.setup_errors.put(str(e))
             raise
+        if llm.model.wte.weight.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            _leave_a_core_for_http()
         self.engine = Engine(llm.model, llm.tokenizer, self.max_batch_size)
         n = sum(p.numel() for p in llm.model.parameters())
         dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
@@ -568,6 +577,16 @@ class EngineAPI(ls.LitAPI):
 
     def predict(self, x):  # pragma: no cover - EngineLoop drives the engine directly
         raise NotImplementedError("requests go through EngineLoop")
+
+
+def _leave_a_core_for_http() -> None:
+    """On CPU the engine and the HTTP server run at once: torch gets all usable cores but one.
+    (More OpenMP threads than free cores make every small op wait for a descheduled thread:
+    on 2 cores a decode step with 2 threads was several times slower than with 1.)"""
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (usable or 1) - 1))
 
 
 class EngineLoop(LitLoop):
@@ -994,7 +1013,10 @@ class Front:
                     yield "error", {"status": 503, "message": "the server is shutting down"}
                     return
                 try:
-                    kind, payload = await asyncio.wait_for(inbox.get(), 0.25)
+                    if inbox.empty():
+                        kind, payload = await asyncio.wait_for(inbox.get(), 0.25)
+                    else:  # no timer for what is already here
+                        kind, payload = inbox.get_nowait()
                 except asyncio.TimeoutError:
                     # A streamed response notices a client that went away by itself (Starlette
                     # cancels it); one that sends nothing until the end has to look.
@@ -1017,9 +1039,9 @@ class Front:
                 if kind == "done":
                     return payload
                 if kind == "error":
-                    status = payload["status"]
-                    kind = "server_error" if status >= 500 else "invalid_request_error"
-                    raise RequestError(payload["message"], status=status, kind=kind)
+                    raise RequestError(
+                        payload["message"], status=payload["status"], kind=_error_type(payload)
+                    )
         return None
 
     def _sse(self, request: Request, job: dict, chunk, first: Optional[dict], include_usage: bool):
@@ -1033,7 +1055,7 @@ class Front:
                     if kind == "piece":
                         yield f"data: {json.dumps(chunk(payload, None))}\n\n"
                     elif kind == "error":
-                        error = {"message": payload["message"], "type": "server_error",
+                        error = {"message": payload["message"], "type": _error_type(payload),
                                  "param": None, "code": None}  # fmt: skip
                         yield f"data: {json.dumps({'error': error})}\n\n"
                         return
@@ -1123,6 +1145,10 @@ class Front:
     async def model(self, model: str) -> JSONResponse:
         self._check_model({"model": model})
         return JSONResponse(self._model_card())
+
+
+def _error_type(payload: dict) -> str:
+    return "server_error" if payload["status"] >= 500 else "invalid_request_error"
 
 
 async def _request_error(request: Request, e: RequestError) -> JSONResponse:

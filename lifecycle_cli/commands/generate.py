@@ -61,7 +61,7 @@ def generate(
     )  # fmt: skip
     SamplingParams(**params)  # bad values fail before the model loads
     llm = load_for_inference(checkpoint_dir, device, precision)
-    ids, style_stops = llm._prepare(prompt, prompt_style, system)
+    ids, style_stops = llm.prepare_prompt(prompt, prompt_style, system)
     gen = llm.generator(compile=compile)
     stream = gen.stream(ids, SamplingParams(stop=stops + style_stops, **params))
     for piece in stream:
