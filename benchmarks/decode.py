@@ -84,7 +84,7 @@ def ours(model, prompt: list[int], n: int, compile: bool = False, repeats: int =
     return rate, min(c.time_to_first_token for c in runs), warmup.seconds
 
 
-def no_cache(model, prompt: list[int], n: int, repeats: int = 2):
+def no_cache(model, prompt: list[int], n: int, repeats: int = REPEATS):
     """The whole sequence through the model for every new token."""
     import torch
 
