@@ -60,7 +60,7 @@ def peak_flops(device_type: str, precision: str) -> float:
     return matmul_probe(device_type, torch.bfloat16 if half else torch.float32)
 
 
-def matmul_probe(device_type: str, dtype: torch.dtype, size: int = 1024, trials: int = 5) -> float:
+def matmul_probe(device_type: str, dtype: torch.dtype, size: int = 1024, trials: int = 10) -> float:
     """Measured FLOP/s of square matmuls on this device with the current thread count.
 
     The best of a few short trials, so a busy moment does not pass for the peak.
