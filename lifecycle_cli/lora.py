@@ -6,8 +6,8 @@ The fused `attn.qkv` gets one rank-r adapter per enabled part, as if queries, ke
 were separate layers (what LitGPT and PEFT train): `lora_A` stacks their A ((r * parts, in)),
 `lora_B` holds B rows for the enabled output rows only; disabled rows cost nothing.
 
-This module is imported for `LoRAArgs` by `llmcycle finetune --help`, which must not import
-torch: the layer class is therefore built on first use (`LoRALinear` resolves lazily).
+The flags (`LoRAArgs`) live in train/args.py; the layer class is built on first use
+(`LoRALinear` resolves lazily), so importing this module costs no torch.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lifecycle_cli.errors import UserError
+from lifecycle_cli.train.args import LoRAArgs
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -29,37 +29,6 @@ if TYPE_CHECKING:
     from lifecycle_cli.model import GPT
 
 METADATA_KEY = "lora_args"
-
-
-@dataclass
-class LoRAArgs:
-    """Low-rank adapters: their size and the layers that get one."""
-
-    r: int = 8
-    """Rank of the adapters."""
-    alpha: int = 16
-    """Scale: the adapter's output is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapters' input during training."""
-    query: bool = True
-    """Adapt the attention queries."""
-    key: bool = False
-    """Adapt the attention keys."""
-    value: bool = True
-    """Adapt the attention values."""
-    projection: bool = False
-    """Adapt the attention output projection."""
-    mlp: bool = False
-    """Adapt every linear layer of the MLP (of every expert in a mixture of experts)."""
-    head: bool = False
-    """Adapt the output head (not possible when it shares its weight with the embeddings)."""
-
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise UserError(
-                f"--lora.r must be >= 1, --lora.alpha > 0 and 0 <= --lora.dropout < 1 "
-                f"(got r={self.r}, alpha={self.alpha}, dropout={self.dropout})"
-            )
 
 
 @functools.cache

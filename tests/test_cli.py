@@ -67,6 +67,8 @@ def test_version():
     [
         (["download", "--help"], ["--checkpoint_dir", "--from_dir", "--revision", "--config"]),
         (["convert", "to_hf", "--help"], ["--checkpoint_dir", "--out_dir", "--config"]),
+        (["pretrain", "--help"], ["--data.path", "--train.max_steps", "--resume"]),
+        (["finetune", "--help"], ["--data.synthetic", "--lora.r", "--method"]),
     ],
 )
 def test_verb_help_shows_flags_without_heavy_imports(args, flags):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from lifecycle_cli.data.instruct import InstructData
+from lifecycle_cli.data.args import InstructData
 from lifecycle_cli.errors import UserError
-from lifecycle_cli.lora import LoRAArgs
-from lifecycle_cli.train.args import EvalArgs, TrainArgs
+from lifecycle_cli.train.args import EvalArgs, LoRAArgs, TrainArgs
 
 
 def finetune(

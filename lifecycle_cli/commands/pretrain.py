@@ -11,7 +11,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 from lifecycle_cli.config import Config
-from lifecycle_cli.data.text import TextData
+from lifecycle_cli.data.args import TextData
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.train.args import EvalArgs, TrainArgs
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from lifecycle_cli.data.instruct import _example_ids, _read_text, read_json_records
+from lifecycle_cli.data.instruct import _read_text, read_json_records
+from lifecycle_cli.data.order import sample_items
 from lifecycle_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ class ClassificationDataset:
         real token, "labels": (B,) class ids, "n_tokens": 0-d count of real tokens}."""
         import torch
 
-        rows = _example_ids(indices, len(self), self.seed, self._perms)
+        rows = sample_items(indices, len(self), self.seed, self._perms)
         lengths = self.lengths[rows]
         width = int(lengths.max()) if len(rows) else 0
         inputs = np.full((len(rows), width), self.pad_id, dtype=np.int64)

@@ -26,16 +26,16 @@ counted in `n_truncated`.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from lifecycle_cli.data.args import InstructData
+from lifecycle_cli.data.order import sample_items
 from lifecycle_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -49,45 +49,6 @@ JSON_SUFFIXES = (".json", ".jsonl")
 TABLE_SUFFIXES = (".csv", ".tsv")
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
-
-
-@dataclass
-class InstructData:
-    """Finetuning data: a file of instructions, conversations or labelled texts, or synthetic
-    tasks."""
-
-    path: Optional[Path] = None
-    """JSON (a list of records) or JSONL (one record per line), Alpaca style (instruction,
-    input, output) or chat style (messages: [{role, content}], the last from the assistant);
-    for classification also CSV/TSV with a header naming the columns text and label."""
-    format: Literal["auto", "alpaca", "chat", "classification"] = "auto"
-    """What the records are: auto tells from the file (CSV/TSV or text+label records:
-    classification; else Alpaca or chat, record by record)."""
-    val_path: Optional[Path] = None
-    """A validation file in the same format, instead of holding out part of --data.path."""
-    val_fraction: float = 0.1
-    """Share of the examples held out (at random, seeded) for validation."""
-    mask_prompt: bool = True
-    """Compute the loss on the response tokens only (false: on prompt tokens too)."""
-    synthetic: Optional[str] = None
-    """Comma-separated synthetic tasks to train on instead of a file: copy, reverse, upper,
-    sort, add, next, length, max, or all."""
-    synthetic_train_size: int = 2000
-    """Training examples per synthetic task."""
-    synthetic_val_size: int = 100
-    """Validation examples per synthetic task (never among the training examples)."""
-    seed: int = 42
-    """Seed of the validation split and of the synthetic examples."""
-
-    def __post_init__(self) -> None:
-        for name in ("path", "val_path"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)):
-                setattr(self, name, Path(value))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading records
 
 
 def read_json_records(path: Path) -> list[tuple[str, Any]]:
@@ -501,7 +462,7 @@ class SFTDataset:
 
     def example_ids(self, indices: Sequence[int]) -> np.ndarray:
         """Which example each global sample index reads."""
-        return _example_ids(indices, len(self), self.seed, self._perms)
+        return sample_items(indices, len(self), self.seed, self._perms)
 
     def get(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """{"input_ids": (B, T), "labels": (B, T), "n_tokens": 0-d} for global sample indices.
@@ -548,31 +509,3 @@ def _truncate(
         head = []
     kept = head + (prompt[len(prompt) - (keep_prompt - len(head)) :] if keep_prompt else [])
     return kept, reply[:keep_reply]
-
-
-def _example_ids(
-    indices: Sequence[int], n: int, seed: Optional[int], cache: dict[int, np.ndarray]
-) -> np.ndarray:
-    """Global sample indices -> item indices: item perm_e[i % n] of epoch e = i // n."""
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if n == 0:
-        raise IndexError("the dataset is empty")
-    if idx.size and idx.min() < 0:
-        raise IndexError(f"sample indices must be >= 0, got {int(idx.min())}")
-    epochs, pos = np.divmod(idx, n)
-    if seed is None:
-        return pos
-    out = np.empty_like(pos)
-    for epoch in np.unique(epochs).tolist():
-        perm = cache.get(epoch)
-        if perm is None:
-            import torch
-
-            g = torch.Generator().manual_seed(seed + epoch)
-            perm = torch.randperm(n, generator=g).numpy()
-            if len(cache) >= 2:  # a batch spans at most two epochs
-                cache.pop(next(iter(cache)))
-            cache[epoch] = perm
-        where = epochs == epoch
-        out[where] = perm[pos[where]]
-    return out

@@ -36,12 +36,13 @@ import sysconfig
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import numpy as np
 
+from lifecycle_cli.data.args import TextData
+from lifecycle_cli.data.order import sample_items
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -61,44 +62,6 @@ def cache_root() -> Path:
     """Where llmcycle caches data: $LLMCYCLE_CACHE, else ~/.cache/llmcycle."""
     env = os.environ.get("LLMCYCLE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "llmcycle"
-
-
-@dataclass
-class TextData:
-    """Pretraining text: files or folders of .txt, .jsonl (field "text") or .parquet (column
-    "text"), tokenized once and cached."""
-
-    path: Optional[list[Path]] = None
-    """Files or folders (searched recursively) of .txt (one document per file), .jsonl (one
-    document per line, in the field "text") and .parquet (one document per row, in the column
-    "text"). Default: text that ships with Python (its help topics and the standard library's
-    docstrings, about 2 MB)."""
-    val_fraction: float = 0.05
-    """Share of the documents held out for validation, spread evenly through the corpus (a
-    long .txt file counts as passages of about 16,000 characters)."""
-    val_path: Optional[list[Path]] = None
-    """Validation files or folders to use instead of holding out part of --data.path."""
-    num_workers: Optional[int] = None
-    """Processes that tokenize in parallel. Default: one per CPU core, at most one per 4 MB of
-    input; 0 or 1 tokenizes in this process."""
-    cache_dir: Optional[Path] = None
-    """Where token shards are cached and reused. Default: $LLMCYCLE_CACHE/tokens, else
-    ~/.cache/llmcycle/tokens."""
-
-    def __post_init__(self) -> None:
-        # A single path given where a list is expected (YAML `path: data/`, Python callers).
-        for name in ("path", "val_path"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)):
-                setattr(self, name, [Path(value)])
-            elif value is not None:
-                setattr(self, name, [Path(p) for p in value])
-        if self.cache_dir is not None:
-            self.cache_dir = Path(self.cache_dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the files
 
 
 def resolve_files(paths: Optional[Sequence[Path]]) -> list[Path]:
@@ -723,31 +686,9 @@ class TokenBlocks:
 
     def block_ids(self, indices: Sequence[int]) -> np.ndarray:
         """Which block each global sample index reads."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.num_blocks == 0:
             raise IndexError("no blocks: the split holds fewer than seq_length + 1 tokens")
-        if idx.size and idx.min() < 0:
-            raise IndexError(f"sample indices must be >= 0, got {int(idx.min())}")
-        epochs, pos = np.divmod(idx, self.num_blocks)
-        if self.seed is None:
-            return pos
-        out = np.empty_like(pos)
-        for epoch in np.unique(epochs).tolist():
-            where = epochs == epoch
-            out[where] = self._perm(epoch)[pos[where]]
-        return out
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            import torch
-
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.num_blocks, generator=g).numpy()
-            if len(self._perms) >= 2:  # a batch spans at most two epochs
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = perm
-        return perm
+        return sample_items(indices, self.num_blocks, self.seed, self._perms)
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         """LongTensor (len(indices), seq_length + 1): the blocks of these global sample

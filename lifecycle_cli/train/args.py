@@ -94,3 +94,34 @@ class EvalArgs:
     """Evaluate once before training."""
     final_validation: bool = True
     """Evaluate once after training."""
+
+
+@dataclass
+class LoRAArgs:
+    """Low-rank adapters: their size and the layers that get one."""
+
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: int = 16
+    """Scale: the adapter's output is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input during training."""
+    query: bool = True
+    """Adapt the attention queries."""
+    key: bool = False
+    """Adapt the attention keys."""
+    value: bool = True
+    """Adapt the attention values."""
+    projection: bool = False
+    """Adapt the attention output projection."""
+    mlp: bool = False
+    """Adapt every linear layer of the MLP (of every expert in a mixture of experts)."""
+    head: bool = False
+    """Adapt the output head (not possible when it shares its weight with the embeddings)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise UserError(
+                f"--lora.r must be >= 1, --lora.alpha > 0 and 0 <= --lora.dropout < 1 "
+                f"(got r={self.r}, alpha={self.alpha}, dropout={self.dropout})"
+            )

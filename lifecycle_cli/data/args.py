@@ -1,0 +1,89 @@
+"""Data flags (`--data.*`) of the verbs that train.
+
+Kept apart from the readers so that building a verb's --help imports no torch (jsonargparse
+also evaluates the `if TYPE_CHECKING:` imports of a flag dataclass's module).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+
+@dataclass
+class TextData:
+    """Pretraining text: files or folders of .txt, .jsonl (field "text") or .parquet (column
+    "text"), tokenized once and cached."""
+
+    path: Optional[list[Path]] = None
+    """Files or folders (searched recursively) of .txt (one document per file), .jsonl (one
+    document per line, in the field "text") and .parquet (one document per row, in the column
+    "text"). Default: text that ships with Python (its help topics and the standard library's
+    docstrings, about 2 MB)."""
+    val_fraction: float = 0.05
+    """Share of the documents held out for validation, spread evenly through the corpus (a
+    long .txt file counts as passages of about 16,000 characters)."""
+    val_path: Optional[list[Path]] = None
+    """Validation files or folders to use instead of holding out part of --data.path."""
+    num_workers: Optional[int] = None
+    """Processes that tokenize in parallel. Default: one per CPU core, at most one per 4 MB of
+    input; 0 or 1 tokenizes in this process."""
+    cache_dir: Optional[Path] = None
+    """Where token shards are cached and reused. Default: $LLMCYCLE_CACHE/tokens, else
+    ~/.cache/llmcycle/tokens."""
+
+    def __post_init__(self) -> None:
+        # A single path given where a list is expected (YAML `path: data/`, Python callers).
+        for name in ("path", "val_path"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                setattr(self, name, [Path(value)])
+            elif value is not None:
+                setattr(self, name, [Path(p) for p in value])
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the files
+
+
+@dataclass
+class InstructData:
+    """Finetuning data: a file of instructions, conversations or labelled texts, or synthetic
+    tasks."""
+
+    path: Optional[Path] = None
+    """JSON (a list of records) or JSONL (one record per line), Alpaca style (instruction,
+    input, output) or chat style (messages: [{role, content}], the last from the assistant);
+    for classification also CSV/TSV with a header naming the columns text and label."""
+    format: Literal["auto", "alpaca", "chat", "classification"] = "auto"
+    """What the records are: auto tells from the file (CSV/TSV or text+label records:
+    classification; else Alpaca or chat, record by record)."""
+    val_path: Optional[Path] = None
+    """A validation file in the same format, instead of holding out part of --data.path."""
+    val_fraction: float = 0.1
+    """Share of the examples held out (at random, seeded) for validation."""
+    mask_prompt: bool = True
+    """Compute the loss on the response tokens only (false: on prompt tokens too)."""
+    synthetic: Optional[str] = None
+    """Comma-separated synthetic tasks to train on instead of a file: copy, reverse, upper,
+    sort, add, next, length, max, or all."""
+    synthetic_train_size: int = 2000
+    """Training examples per synthetic task."""
+    synthetic_val_size: int = 100
+    """Validation examples per synthetic task (never among the training examples)."""
+    seed: int = 42
+    """Seed of the validation split and of the synthetic examples."""
+
+    def __post_init__(self) -> None:
+        for name in ("path", "val_path"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                setattr(self, name, Path(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records
