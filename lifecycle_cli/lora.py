@@ -6,6 +6,13 @@ The fused `attn.qkv` gets one rank-r adapter per enabled part, as if queries, ke
 were separate layers (what LitGPT and PEFT train): `lora_A` stacks their A ((r * parts, in)),
 `lora_B` holds B rows for the enabled output rows only; disabled rows cost nothing.
 
+The token embedding matrix (vocab, dim) can get one too: W + (alpha / r) B A with B (vocab, r)
+and A (r, dim). When the output head shares that matrix (tie_embeddings) it shares the adapter as
+well, so the merged model stays tied. A small pretrained model needs this to learn new outputs:
+its tied embeddings hold what each token means both as input and as prediction, and on the tiny
+config adapting every linear layer (even at full rank) stalls where training the embeddings too
+does not.
+
 The flags (`LoRAArgs`) live in train/args.py; the layer class is built on first use
 (`LoRALinear` resolves lazily), so importing this module costs no torch.
 """
@@ -77,20 +84,90 @@ def _lora_linear() -> type:
 
         @torch.no_grad()
         def merged(self) -> nn.Linear:
-            """A plain nn.Linear with weight W + scaling * B A on each part's rows."""
+            """A plain nn.Linear with weight W + scaling * B A on each part's rows (a new
+            tensor: W may be shared, e.g. with a live model a state dict came from)."""
+            weight = self.weight.clone()
             for rows, a, b in self.pieces():
-                self.weight[rows] += (b @ a * self.scaling).to(self.weight.dtype)
+                weight[rows] += (b @ a * self.scaling).to(weight.dtype)
             plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta")
-            plain.weight, plain.bias = self.weight, self.bias
+            plain.weight, plain.bias = _like(self.weight, weight), self.bias
             return plain
 
     LoRALinear.__module__, LoRALinear.__qualname__ = __name__, "LoRALinear"
     return LoRALinear
 
 
+@functools.cache
+def _lora_embedding() -> tuple[type, type]:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class LoRAEmbedding(nn.Embedding):
+        """`base`'s matrix W (vocab, dim) plus (alpha / r) B A, B (vocab, r), A (r, dim)."""
+
+        def __init__(self, base: nn.Embedding, args: LoRAArgs) -> None:
+            super().__init__(base.num_embeddings, base.embedding_dim, device="meta")
+            self.weight = base.weight
+            self.r, self.scaling = args.r, args.alpha / args.r
+            like = {"device": base.weight.device, "dtype": base.weight.dtype}
+            self.lora_A = nn.Parameter(torch.empty(args.r, self.embedding_dim, **like))
+            self.lora_B = nn.Parameter(torch.zeros(self.num_embeddings, args.r, **like))
+            if self.lora_A.device.type != "meta":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.train(base.training)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            delta = F.embedding(idx, self.lora_B) @ self.lora_A
+            return F.embedding(idx, self.weight) + delta * self.scaling
+
+        @torch.no_grad()
+        def merged(self) -> nn.Embedding:
+            weight = self.weight + (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)
+            plain = nn.Embedding(self.num_embeddings, self.embedding_dim, device="meta")
+            plain.weight = _like(self.weight, weight)
+            return plain
+
+    class TiedLoRAHead(nn.Linear):
+        """An output head tied to a LoRAEmbedding: the same matrix, the same adapter. It owns no
+        tensor, so the adapter is saved once, under the embedding's name."""
+
+        def __init__(self, base: nn.Linear, embedding: LoRAEmbedding) -> None:
+            super().__init__(base.in_features, base.out_features, base.bias is not None, "meta")
+            self.weight, self.bias = base.weight, base.bias
+            object.__setattr__(self, "embedding", embedding)  # not a submodule: no second copy
+            self.train(base.training)
+
+        @property
+        def scaling(self) -> float:
+            return self.embedding.scaling
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            e = self.embedding  # read at call time: FSDP swaps the embedding's parameters
+            delta = F.linear(F.linear(x, e.lora_A), e.lora_B)
+            return F.linear(x, self.weight, self.bias) + delta * e.scaling
+
+        def merged(self) -> nn.Linear:  # merge_lora ties it to the merged embedding
+            plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta")
+            plain.weight, plain.bias = self.weight, self.bias
+            return plain
+
+    for cls in (LoRAEmbedding, TiedLoRAHead):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return LoRAEmbedding, TiedLoRAHead
+
+
+def _like(param, tensor):
+    from torch import nn
+
+    return nn.Parameter(tensor, requires_grad=param.requires_grad)
+
+
 def __getattr__(name: str):  # `lifecycle_cli.lora.LoRALinear`, built (torch imported) on use
     if name == "LoRALinear":
         return _lora_linear()
+    if name == "LoRAEmbedding":
+        return _lora_embedding()[0]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -102,10 +179,12 @@ def inject_lora(model: GPT, args: LoRAArgs) -> int:
     if has_lora(model):
         raise UserError("the model already has LoRA adapters")
     config, LoRALinear = model.config, _lora_linear()
+    LoRAEmbedding, TiedLoRAHead = _lora_embedding()
     if args.head and config.tie_embeddings:
         raise UserError(
             "--lora.head true: this model's output head shares its weight with the token "
-            "embeddings (tie_embeddings), so an adapter on it cannot be merged; leave it off"
+            "embeddings (tie_embeddings); use --lora.embedding true, which adapts that shared "
+            "matrix for both"
         )
     q, kv = config.n_head * config.head_size, config.n_query_groups * config.head_size
     spans = {"query": (0, q), "key": (q, kv), "value": (q + kv, kv)}  # rows of attn.qkv
@@ -123,12 +202,16 @@ def inject_lora(model: GPT, args: LoRAArgs) -> int:
                     targets[name] = None
     if args.head:
         targets["lm_head"] = None
-    if not targets:
+    if not targets and not args.embedding:
         raise UserError("LoRA adapts no layer: enable at least one of --lora.query/key/value/...")
     for param in model.parameters():
         param.requires_grad_(False)
     for name, parts in targets.items():
         _replace(model, name, LoRALinear(model.get_submodule(name), args, parts))
+    if args.embedding:
+        model.wte = LoRAEmbedding(model.wte, args)
+        if config.tie_embeddings:
+            model.lm_head = TiedLoRAHead(model.lm_head, model.wte)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -137,8 +220,9 @@ def has_lora(model) -> bool:
 
 
 def _adapted(model) -> dict:
-    """The model's LoRALinear modules by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _lora_linear())}
+    """The model's adapted modules by name."""
+    kinds = (_lora_linear(), *_lora_embedding())
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def _replace(model, name: str, module) -> None:
@@ -200,8 +284,28 @@ def load_lora(model, path: Path) -> LoRAArgs:
     return args
 
 
-def merge_lora(model) -> None:
-    """Fold every adapter into its base weight and make the layers plain nn.Linear again: the
-    state dict then has exactly a plain GPT's keys. Parameters stay as frozen as they were."""
+def merge_lora(model: GPT) -> None:
+    """Fold every adapter into its base weight and make the layers plain again: the state dict
+    then has exactly a plain GPT's keys. Parameters stay as frozen as they were."""
     for name, module in _adapted(model).items():
         _replace(model, name, module.merged())
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+
+
+def adapted_model(config, args: LoRAArgs, state: dict[str, Tensor]) -> GPT:
+    """A GPT with adapters that holds `state` (a full state dict, adapters included) without
+    copying it: how finetune saves and merges what a (possibly sharded) run trained."""
+    import torch
+
+    from lifecycle_cli.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    inject_lora(model, args)
+    if config.tie_embeddings:
+        state = {**state, "lm_head.weight": state["wte.weight"]}
+    model.load_state_dict(state, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    return model

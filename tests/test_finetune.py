@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lifecycle_cli import LLM
 from lifecycle_cli.checkpoint import iter_tensors, save_checkpoint, weight_files
@@ -51,11 +52,21 @@ COMMON = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_finetune_on_synthetic_tasks(method, base, tmp_path):
+QKV = ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"]
+
+
+@pytest.mark.parametrize(
+    "method, flags, lora_changes",
+    [
+        ("full", [], None),
+        ("lora", [], QKV),  # query and value rows of qkv only, by default
+        ("lora", ["--lora.embedding", "true"], [*QKV, "wte.weight"]),  # head tied to wte
+    ],
+)
+def test_finetune_on_synthetic_tasks(method, flags, lora_changes, base, tmp_path):
     out = tmp_path / "out"
     proc = llmcycle("finetune", str(base), "--method", method, "--out_dir", str(out), *COMMON,
-                    cwd=tmp_path)  # fmt: skip
+                    *flags, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_metrics(out / "metrics.csv") if r["val_loss"]]
     assert len(rows) == 2
@@ -69,13 +80,61 @@ def test_finetune_on_synthetic_tasks(method, base, tmp_path):
     assert not any("lora" in n for n in names)
     base_weights = dict(iter_tensors(weight_files(base)))
     changed = [n for n in names if not torch.equal(llm.model.state_dict()[n], base_weights[n])]
-    if method == "lora":  # query and value rows of qkv only, by default
-        assert sorted(changed) == ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"]
+    if method == "lora":
+        assert sorted(changed) == lora_changes
         adapter = out / "lora.safetensors"
         assert 0 < adapter.stat().st_size < 100_000
         assert f"({adapter.stat().st_size:,} bytes)" in proc.stdout
     else:
         assert len(changed) == len(names)
+
+
+def test_lora_resumes_exactly_from_a_step_folder(base, tmp_path):
+    flags = [
+        *COMMON, "--method", "lora", "--lora.embedding", "true", "--lora.mlp", "true",
+        "--train.max_steps", "8", "--train.save_interval", "4", "--eval.interval", "100",
+    ]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = llmcycle("finetune", str(base), *flags, "--out_dir", str(straight), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step4 = str(straight / "step-000004")
+    proc = llmcycle("finetune", str(base), *flags, "--out_dir", str(resumed), "--resume", step4,
+                    cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(out: Path) -> dict[int, str]:
+        return {int(r["step"]): r["train_loss"] for r in read_metrics(out / "metrics.csv")
+                if r["train_loss"]}  # fmt: skip
+
+    assert sorted(losses(resumed)) == [5, 6, 7, 8]
+    assert all(losses(resumed)[k] == losses(straight)[k] for k in (5, 6, 7, 8))
+    a = dict(iter_tensors(weight_files(straight / "final")))
+    b = dict(iter_tensors(weight_files(resumed / "final")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_under_ddp_and_fsdp_matches_one_process(base, tmp_path):
+    """Adapters are gathered from the shards before they are saved and merged."""
+    flags = [
+        *COMMON, "--method", "lora", "--lora.embedding", "true", "--lora.dropout", "0",
+        "--train.max_steps", "4", "--eval.interval", "100",
+    ]  # fmt: skip
+    finals, adapters = {}, {}
+    for name, extra in {
+        "single": [],
+        "ddp": ["--devices", "2", "--strategy", "ddp"],
+        "fsdp": ["--devices", "2", "--strategy", "fsdp"],
+    }.items():
+        out = tmp_path / name
+        proc = llmcycle("finetune", str(base), *flags, *extra, "--out_dir", str(out), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        finals[name] = dict(iter_tensors(weight_files(out / "final")))
+        adapters[name] = load_file(out / "lora.safetensors")
+    for name in ("ddp", "fsdp"):
+        for saved in (finals, adapters):
+            assert saved[name].keys() == saved["single"].keys()
+            for key, tensor in saved["single"].items():
+                torch.testing.assert_close(saved[name][key], tensor, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

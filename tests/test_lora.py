@@ -50,7 +50,7 @@ def every_layer(config: Config) -> LoRAArgs:
     """Adapters wherever this model allows them."""
     return LoRAArgs(
         r=4, alpha=8, dropout=0.1, key=True, projection=True, mlp=True,
-        head=not config.tie_embeddings,
+        head=not config.tie_embeddings, embedding=True,
     )  # fmt: skip
 
 
@@ -102,6 +102,8 @@ def test_adapters_start_as_a_no_op_and_only_they_train(family, args_name):
     merge_lora(model)
     assert not has_lora(model)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert type(model.wte) is nn.Embedding
+    assert (model.lm_head.weight is model.wte.weight) == model.config.tie_embeddings
     assert list(model.state_dict()) == list(GPT(model.config).state_dict())
     torch.testing.assert_close(model(TOKENS), adapted_logits, atol=1e-5, rtol=1e-5)
 
@@ -130,8 +132,9 @@ def test_one_part_of_fused_qkv_changes_only_its_rows(part):
         assert same != (name == part), name
 
 
-def test_saved_adapters_are_small_and_load_back_exactly(tmp_path):
-    config = tiny("pythia-14m")
+@pytest.mark.parametrize("family", ["pythia-14m", "SmolLM2-135M"])  # untied, tied head
+def test_saved_adapters_are_small_and_load_back_exactly(tmp_path, family):
+    config = tiny(family)
     args = every_layer(config)
     model = model_for(config)
     fresh = copy.deepcopy(model)  # the same base weights, no adapters
@@ -160,9 +163,22 @@ def test_adapters_follow_the_base_weights_dtype():
     assert model(TOKENS).dtype == torch.bfloat16
 
 
+def test_embedding_adapter_is_shared_by_a_tied_head():
+    model = model_for(tiny("SmolLM2-135M"))
+    inject_lora(model, LoRAArgs(query=False, value=False, embedding=True))
+    assert set(lora_state_dict(model)) == {"wte.lora_A", "wte.lora_B"}  # saved once
+    train(model)
+    adapted = model(TOKENS)
+    W = model.wte.weight + model.wte.lora_B @ model.wte.lora_A * model.wte.scaling
+    merge_lora(model)
+    assert model.lm_head.weight is model.wte.weight
+    torch.testing.assert_close(model.wte.weight, W.detach())
+    torch.testing.assert_close(model(TOKENS), adapted, atol=1e-5, rtol=1e-5)
+
+
 def test_head_adapter_on_a_tied_model_is_refused():
     model = model_for(tiny("gemma-2-2b"))
-    with pytest.raises(UserError, match="tie_embeddings"):
+    with pytest.raises(UserError, match="lora.embedding"):
         inject_lora(model, LoRAArgs(head=True))
     assert not has_lora(model)
     assert all(p.requires_grad for p in model.parameters())  # untouched

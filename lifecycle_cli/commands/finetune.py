@@ -69,12 +69,18 @@ def finetune(
     """
     from lifecycle_cli.checkpoint import check_checkpoint_dir, load_config, load_weights
     from lifecycle_cli.data.instruct import detect_format, load_examples
-    from lifecycle_cli.lora import inject_lora, merge_lora, save_lora
+    from lifecycle_cli.lora import adapted_model, inject_lora, merge_lora, save_lora
     from lifecycle_cli.model import GPT
     from lifecycle_cli.tokenizer import Tokenizer
     from lifecycle_cli.train.fabric import is_sharded, make_optimizer, setup_fabric, unwrap
     from lifecycle_cli.train.loop import Run, fit
-    from lifecycle_cli.train.state import Progress, find_resume, load_step, save_final
+    from lifecycle_cli.train.state import (
+        Progress,
+        find_resume,
+        full_state_dict,
+        load_step,
+        write_final,
+    )
     from lifecycle_cli.train.throughput import flops_per_token
 
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
@@ -152,17 +158,20 @@ def finetune(
     progress = fit(fabric, model, optimizer, run, progress)
     if progress.step < max_steps:
         raise SystemExit(130)
-    final = out_dir / "final"
-    if method == "lora":
-        if fabric.global_rank == 0:
-            size = save_lora(unwrap(model), out_dir / "lora.safetensors", lora)
-            fabric.print(f"Saved LoRA adapters: {out_dir / 'lora.safetensors'} ({size:,} bytes)")
-        merge_lora(unwrap(model))
     # Classification saves the GPT (its LM head untouched) and the class head beside it.
-    save_final(fabric, final, unwrap(model).gpt if classify else model, checkpoint_dir)
+    state = full_state_dict(fabric, unwrap(model).gpt if classify else model)  # every rank
     if fabric.global_rank == 0:
+        if method == "lora":
+            adapted = adapted_model(config, lora, state)
+            size = save_lora(adapted, out_dir / "lora.safetensors", lora)
+            fabric.print(f"Saved LoRA adapters: {out_dir / 'lora.safetensors'} ({size:,} bytes)")
+            merge_lora(adapted)
+            state = adapted.state_dict()
+        final = out_dir / "final"
+        write_final(final, config, state, checkpoint_dir)
         task.finish(unwrap(model), final, fabric.print)
         fabric.print(f"Saved {final}")
+    fabric.barrier()
 
 
 class InstructionTask:

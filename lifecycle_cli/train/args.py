@@ -117,7 +117,9 @@ class LoRAArgs:
     mlp: bool = False
     """Adapt every linear layer of the MLP (of every expert in a mixture of experts)."""
     head: bool = False
-    """Adapt the output head (not possible when it shares its weight with the embeddings)."""
+    """Adapt the output head (when it shares its weight with the embeddings: --lora.embedding)."""
+    embedding: bool = False
+    """Adapt the token embeddings (and the output head, when the two share one matrix)."""
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:

@@ -80,12 +80,17 @@ def save_final(fabric, folder: Path, model, tokenizer_dir) -> None:
     """A plain checkpoint folder (consolidated from shards under FSDP), written by rank 0."""
     state_dict = full_state_dict(fabric, model)
     if fabric.global_rank == 0:
-        tmp = folder.parent / f".{folder.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_checkpoint_files(tmp, unwrap(model).config, state_dict, tokenizer_dir)
-        replace_dir(tmp, folder)
+        write_final(folder, unwrap(model).config, state_dict, tokenizer_dir)
     fabric.barrier()
+
+
+def write_final(folder: Path, config, state_dict: dict[str, torch.Tensor], tokenizer_dir) -> None:
+    """Write a checkpoint folder atomically from a full state dict (one process)."""
+    tmp = folder.parent / f".{folder.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_checkpoint_files(tmp, config, state_dict, tokenizer_dir)
+    replace_dir(tmp, folder)
 
 
 def full_state_dict(fabric, model) -> dict[str, torch.Tensor]:

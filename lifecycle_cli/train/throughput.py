@@ -65,8 +65,11 @@ def matmul_probe(device_type: str, dtype: torch.dtype, size: int = 1024, trials:
 
     The best of a few short trials, so a busy moment does not pass for the peak.
     """
-    a = torch.randn(size, size, device=device_type, dtype=dtype)
-    b = torch.randn(size, size, device=device_type, dtype=dtype)
+    # A generator of its own: the global one drives dropout, and a resumed run must find it
+    # exactly as the step folder saved it.
+    rng = torch.Generator(device=device_type).manual_seed(0)
+    a = torch.randn(size, size, device=device_type, dtype=dtype, generator=rng)
+    b = torch.randn(size, size, device=device_type, dtype=dtype, generator=rng)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     a @ b  # warm-up
     best, reps = 0.0, 4 if device_type == "cpu" else 50
