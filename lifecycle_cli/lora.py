@@ -44,6 +44,8 @@ def _lora_linear() -> type:
     import torch.nn.functional as F
     from torch import nn
 
+    from lifecycle_cli.quantize import linear
+
     class LoRALinear(nn.Linear):
         """`base`'s weight and bias plus one rank-r adapter per part: `parts` are (start, size)
         ranges of output rows (default: all rows). lora_A stacks the parts' A (r rows each),
@@ -72,7 +74,7 @@ def _lora_linear() -> type:
             return zip(rows, self.lora_A.split(self.r), bs)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = F.linear(x, self.weight, self.bias)
+            y = linear(x, self.weight, self.bias)  # the weight may be packed 4-bit (QLoRA)
             ax = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
             if self.parts == ((0, self.out_features),):
                 return y + F.linear(ax, self.lora_B)
@@ -207,7 +209,7 @@ def inject_lora(model: GPT, args: LoRAArgs) -> int:
     for param in model.parameters():
         param.requires_grad_(False)
     for name, parts in targets.items():
-        _replace(model, name, LoRALinear(model.get_submodule(name), args, parts))
+        replace_module(model, name, LoRALinear(model.get_submodule(name), args, parts))
     if args.embedding:
         model.wte = LoRAEmbedding(model.wte, args)
         if config.tie_embeddings:
@@ -225,7 +227,7 @@ def _adapted(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def _replace(model, name: str, module) -> None:
+def replace_module(model, name: str, module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
 
@@ -288,7 +290,7 @@ def merge_lora(model: GPT) -> None:
     """Fold every adapter into its base weight and make the layers plain again: the state dict
     then has exactly a plain GPT's keys. Parameters stay as frozen as they were."""
     for name, module in _adapted(model).items():
-        _replace(model, name, module.merged())
+        replace_module(model, name, module.merged())
     if model.config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
 

@@ -71,6 +71,7 @@ def finetune(
     from lifecycle_cli.data.instruct import detect_format, load_examples
     from lifecycle_cli.lora import adapted_model, inject_lora, merge_lora, save_lora
     from lifecycle_cli.model import GPT
+    from lifecycle_cli.quantize import dequantize_blocks, quantize_blocks
     from lifecycle_cli.tokenizer import Tokenizer
     from lifecycle_cli.train.fabric import is_sharded, make_optimizer, setup_fabric, unwrap
     from lifecycle_cli.train.loop import Run, fit
@@ -84,11 +85,6 @@ def finetune(
     from lifecycle_cli.train.throughput import flops_per_token
 
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    if method == "qlora":
-        raise UserError(
-            "--method qlora (4-bit base weights through bitsandbytes) is not available yet; "
-            "use --method lora"
-        )
     config = load_config(checkpoint_dir)
     if trainable_blocks is not None and not 0 < trainable_blocks <= config.n_layer:
         raise UserError(f"--trainable_blocks must be between 1 and {config.n_layer}")
@@ -109,6 +105,8 @@ def finetune(
     resume_from = find_resume(resume, out_dir)
     fabric = setup_fabric(devices, num_nodes, strategy, precision)
     train.validate(fabric.world_size)
+    if method == "qlora":
+        check_qlora(fabric)
     if classify and is_sharded(fabric):
         raise UserError("classification finetuning supports --strategy auto or ddp, not fsdp")
     fabric.seed_everything(seed, verbose=False)
@@ -117,8 +115,10 @@ def finetune(
         gpt = GPT(config)
     load_weights(gpt, checkpoint_dir)
     gpt.max_seq_length = seq_length
-    if method == "lora":
+    if method in ("lora", "qlora"):
         inject_lora(gpt, lora)
+    if method == "qlora":
+        quantize_blocks(gpt)
     model = task.model(gpt)
     if trainable_blocks is not None:
         freeze_all_but_last(model, gpt, trainable_blocks)
@@ -158,10 +158,12 @@ def finetune(
     progress = fit(fabric, model, optimizer, run, progress)
     if progress.step < max_steps:
         raise SystemExit(130)
+    if method == "qlora":  # the adapters merge into the base they were trained against
+        dequantize_blocks(unwrap(model).gpt if classify else unwrap(model))
     # Classification saves the GPT (its LM head untouched) and the class head beside it.
     state = full_state_dict(fabric, unwrap(model).gpt if classify else model)  # every rank
     if fabric.global_rank == 0:
-        if method == "lora":
+        if method in ("lora", "qlora"):
             adapted = adapted_model(config, lora, state)
             size = save_lora(adapted, out_dir / "lora.safetensors", lora)
             fabric.print(f"Saved LoRA adapters: {out_dir / 'lora.safetensors'} ({size:,} bytes)")
@@ -266,6 +268,21 @@ def freeze_all_but_last(model, gpt, k: int) -> None:
     head = model.head if hasattr(model, "head") else gpt.lm_head  # a classifier's, or the LM's
     for module in (*gpt.blocks[len(gpt.blocks) - k :], gpt.ln_f, head):
         module.requires_grad_(True)
+
+
+def check_qlora(fabric) -> None:
+    """QLoRA's 4-bit kernels are bitsandbytes' CUDA ones; one GPU (no DDP/FSDP of packed
+    weights yet)."""
+    from lifecycle_cli.quantize import require_bitsandbytes
+
+    if fabric.device.type != "cuda":
+        raise UserError(
+            f"--method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels), this run is on "
+            f"{fabric.device.type}; use --method lora"
+        )
+    if fabric.world_size > 1:
+        raise UserError("--method qlora runs on one GPU: use --devices 1 (or --method lora)")
+    require_bitsandbytes()
 
 
 def choose_style(name, checkpoint_dir, tokenizer):

@@ -1,0 +1,117 @@
+"""4-bit NF4 base weights for QLoRA, through bitsandbytes.
+
+`quantize_blocks` packs the weight of every linear layer in the transformer blocks (adapted by
+LoRA or not) into NF4 with double-quantized scales; embeddings, norms, the head and a mixture's
+router stay in the compute dtype. `linear` is the one matmul both kinds of layer call: it
+dequantizes a packed weight on the fly. `dequantize_blocks` turns them back into plain weights so
+that the adapters merge into an ordinary checkpoint.
+
+Packing is deterministic: the same base weights give the same packed bytes, which is what lets a
+QLoRA run resume from a step folder (the base is quantized again from the original checkpoint
+and the packed tensors in the folder load onto it exactly).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from lifecycle_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from lifecycle_cli.model import GPT
+
+QUANT_TYPE = "nf4"
+
+
+def require_bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError(
+            "--method qlora needs bitsandbytes: pip install 'llmcycle[qlora]'"
+        ) from None
+    return bitsandbytes
+
+
+def is_4bit(weight) -> bool:
+    return getattr(weight, "quant_state", None) is not None
+
+
+def linear(x: Tensor, weight, bias) -> Tensor:
+    """F.linear for a plain or a packed 4-bit weight."""
+    import torch.nn.functional as F
+
+    if not is_4bit(weight):
+        return F.linear(x, weight, bias)
+    import bitsandbytes as bnb
+
+    out = bnb.matmul_4bit(x, weight.t(), quant_state=weight.quant_state)
+    return out if bias is None else out + bias
+
+
+@functools.cache
+def _frozen_linear_4bit() -> type:
+    from torch import nn
+
+    class Linear4bit(nn.Linear):
+        """A frozen linear layer with a packed 4-bit weight (same state-dict names)."""
+
+        def __init__(self, base: nn.Linear, weight) -> None:
+            super().__init__(base.in_features, base.out_features, base.bias is not None, "meta")
+            self.weight, self.bias = weight, base.bias
+
+        def forward(self, x):
+            return linear(x, self.weight, self.bias)
+
+    Linear4bit.__module__, Linear4bit.__qualname__ = __name__, "Linear4bit"
+    return Linear4bit
+
+
+def quantize_blocks(model: GPT) -> None:
+    """Pack the blocks' linear weights to 4 bits in place, on their device. Call it after
+    `inject_lora` (adapters stay unquantized) and before Fabric wraps the model."""
+    bnb = require_bitsandbytes()
+    from torch import nn
+
+    from lifecycle_cli.lora import LoRALinear, replace_module
+
+    Linear4bit = _frozen_linear_4bit()
+    for i, block in enumerate(model.blocks):
+        router = block.mlp.gate if model.config.mlp == "moe" else None
+        for name, module in list(block.named_modules(prefix=f"blocks.{i}")):
+            if not isinstance(module, nn.Linear) or module is router:
+                continue
+            w = module.weight
+            packed = bnb.nn.Params4bit(
+                w.data, requires_grad=False, quant_type=QUANT_TYPE, compress_statistics=True
+            ).to(w.device)
+            if isinstance(module, LoRALinear):
+                module.weight = packed
+            else:
+                replace_module(model, name, Linear4bit(module, packed))
+
+
+def dequantize_blocks(model: GPT) -> None:
+    """Unpack every 4-bit weight to the dtype it was quantized from; the frozen 4-bit layers
+    become plain nn.Linear again."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    from lifecycle_cli.lora import replace_module
+
+    Linear4bit = _frozen_linear_4bit()
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, nn.Linear) and is_4bit(module.weight)):
+            continue
+        w = module.weight
+        module.weight = nn.Parameter(
+            bnb.functional.dequantize_4bit(w.data, w.quant_state), requires_grad=False
+        )
+        if type(module) is Linear4bit:
+            plain = nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                              device="meta")  # fmt: skip
+            plain.weight, plain.bias = module.weight, module.bias
+            replace_module(model, name, plain)
