@@ -209,7 +209,7 @@ def inject_lora(model: GPT, args: LoRAArgs) -> int:
     for param in model.parameters():
         param.requires_grad_(False)
     for name, parts in targets.items():
-        replace_module(model, name, LoRALinear(model.get_submodule(name), args, parts))
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), args, parts))
     if args.embedding:
         model.wte = LoRAEmbedding(model.wte, args)
         if config.tie_embeddings:
@@ -225,11 +225,6 @@ def _adapted(model) -> dict:
     """The model's adapted modules by name."""
     kinds = (_lora_linear(), *_lora_embedding())
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
-
-
-def replace_module(model, name: str, module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def lora_state_dict(model) -> dict[str, Tensor]:
@@ -290,7 +285,7 @@ def merge_lora(model: GPT) -> None:
     """Fold every adapter into its base weight and make the layers plain again: the state dict
     then has exactly a plain GPT's keys. Parameters stay as frozen as they were."""
     for name, module in _adapted(model).items():
-        replace_module(model, name, module.merged())
+        model.set_submodule(name, module.merged())
     if model.config.tie_embeddings:
         model.lm_head.weight = model.wte.weight
 

@@ -76,8 +76,6 @@ def quantize_blocks(model: GPT) -> None:
     bnb = require_bitsandbytes()
     from torch import nn
 
-    from lifecycle_cli.lora import LoRALinear, replace_module
-
     Linear4bit = _frozen_linear_4bit()
     for i, block in enumerate(model.blocks):
         router = block.mlp.gate if model.config.mlp == "moe" else None
@@ -88,10 +86,10 @@ def quantize_blocks(model: GPT) -> None:
             packed = bnb.nn.Params4bit(
                 w.data, requires_grad=False, quant_type=QUANT_TYPE, compress_statistics=True
             ).to(w.device)
-            if isinstance(module, LoRALinear):
+            if hasattr(module, "lora_A"):  # a LoRALinear: its forward calls `linear`
                 module.weight = packed
             else:
-                replace_module(model, name, Linear4bit(module, packed))
+                model.set_submodule(name, Linear4bit(module, packed))
 
 
 def dequantize_blocks(model: GPT) -> None:
@@ -99,8 +97,6 @@ def dequantize_blocks(model: GPT) -> None:
     become plain nn.Linear again."""
     import bitsandbytes as bnb
     from torch import nn
-
-    from lifecycle_cli.lora import replace_module
 
     Linear4bit = _frozen_linear_4bit()
     for name, module in list(model.named_modules()):
@@ -114,4 +110,4 @@ def dequantize_blocks(model: GPT) -> None:
             plain = nn.Linear(module.in_features, module.out_features, module.bias is not None,
                               device="meta")  # fmt: skip
             plain.weight, plain.bias = module.weight, module.bias
-            replace_module(model, name, plain)
+            model.set_submodule(name, plain)
