@@ -1,9 +1,13 @@
-"""Finetuning: tokens/s and peak memory of full finetuning vs LoRA (r=8 on queries and values)
-on a ~25M-parameter Llama-style model (random init), sequence 256, micro batch 4, fused AdamW,
-float32, 2 threads.
+"""Finetuning: tokens/s and peak memory of full finetuning vs LoRA vs QLoRA (r=8 on queries and
+values; QLoRA's block weights packed to 4-bit NF4) on a ~25M-parameter Llama-style model (random
+init), sequence 256, micro batch 4, fused AdamW (Adam for QLoRA's adapters alike).
 
-Each method runs in a fresh process, so its peak RSS (/proc/self/status VmHWM: the interpreter,
-the model, gradients, optimizer state and activations) is its own.
+On CPU: float32, 2 threads, peak RSS (/proc/self/status VmHWM: the interpreter, the model,
+gradients, optimizer state and activations). QLoRA there is bitsandbytes' CPU fallback, which
+unpacks each weight for its matmul, and its peak includes the float32 model it was packed from;
+`weights` (the parameters' bytes as they sit in memory, packed ones packed) shows the packing.
+On CUDA: bfloat16 and torch.cuda.max_memory_allocated.
+Each method runs in a fresh process, so its peak is its own.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from benchmarks.harness import Row
 REPO = Path(__file__).resolve().parents[1]
 SEQ, BATCH, STEPS, THREADS = 256, 4, 3, 2
 SHAPE = dict(n_layer=7, n_embd=512, n_head=8, intermediate_size=1408, vocab_size=4096)
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
 
 
 def rss_mb(field: str) -> float:
@@ -38,24 +42,30 @@ def measure(method: str) -> dict:
     from lifecycle_cli.lora import LoRAArgs, inject_lora
     from lifecycle_cli.model import GPT
     from lifecycle_cli.objectives import next_token_loss
+    from lifecycle_cli.quantize import quantize_blocks
     from lifecycle_cli.train.fabric import make_optimizer
 
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     config = Config(
         name="bench-llama-25m", block_size=SEQ, norm="rmsnorm", mlp="swiglu", bias=False,
         tie_embeddings=True, **SHAPE,
     )  # fmt: skip
-    model = GPT(config)
+    with torch.device(device):
+        model = GPT(config).to(dtype)
     params = sum(p.numel() for p in model.parameters())
-    if method == "lora":
+    trainable = params
+    if method in ("lora", "qlora"):
         trainable = inject_lora(model, LoRAArgs(r=8, alpha=16, query=True, value=True))
-    else:
-        trainable = params
+    if method == "qlora":
+        quantize_blocks(model)
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.0, (0.9, 0.95), fused=True)
-    batch = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1))
-    rss_model = rss_mb("VmRSS")
+    batch = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), device=device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step() -> None:
         next_token_loss(model, batch).backward()
@@ -63,16 +73,21 @@ def measure(method: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocates gradients and optimizer state
+    sync()
     start = time.perf_counter()
     for _ in range(STEPS):
         step()
+    sync()
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb("VmHWM")
     return {
         "tokens_per_s": STEPS * BATCH * SEQ / seconds,
-        "peak_rss_mb": rss_mb("VmHWM"),
-        "rss_after_model_mb": rss_model,
+        "peak_mb": peak,
+        "weights_mb": weights,
         "params": params,
         "trainable": trainable,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -87,16 +102,17 @@ def run() -> list[Row]:
         result = json.loads(proc.stdout.splitlines()[-1])
         setup = {
             "method": method, "params": result["params"], **SHAPE, "seq_length": SEQ,
-            "micro_batch": BATCH, "optimizer": "AdamW fused", "device": "cpu",
-            "dtype": "float32", "threads": result["torch_threads"], "steps": STEPS,
-            "rss_after_model_mb": round(result["rss_after_model_mb"], 1),
+            "micro_batch": BATCH, "optimizer": "AdamW fused", "device": result["device"],
+            "dtype": result["dtype"], "threads": result["torch_threads"], "steps": STEPS,
         }  # fmt: skip
-        if method == "lora":
-            setup["lora"] = "r=8 alpha=16 query+value"
+        if method != "full":
+            setup["lora"] = "r=8 alpha=16 query+value" + (", NF4 base" if method == "qlora" else "")
         label = f"finetune {method}"
+        peak = "peak CUDA memory" if result["device"] == "cuda" else "peak RSS"
         rows += [
             Row(f"{label}: tokens/s", round(result["tokens_per_s"], 1), "tokens/s", setup),
-            Row(f"{label}: peak RSS", round(result["peak_rss_mb"], 1), "MB", setup),
+            Row(f"{label}: {peak}", round(result["peak_mb"], 1), "MB", setup),
+            Row(f"{label}: weights", round(result["weights_mb"], 1), "MB", setup),
             Row(f"{label}: trainable params", result["trainable"], "params", setup),
         ]
     return rows
