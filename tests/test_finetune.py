@@ -184,6 +184,8 @@ def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
         ("bad_jsonl", [], "data.jsonl:2"),
         ("good", ["--prompt_style", "nope"], "unknown prompt style 'nope'"),
         ("good", ["--method", "qlora"], "--method qlora"),
+        ("good", ["--trainable_blocks", "1"], "--trainable_blocks applies to --method full"),
+        ("good", ["--lora.head", "true"], "use --lora.embedding true"),  # head tied to wte
         ("good", ["--train.max_seq_length", "4096"], "exceeds the model's context"),
         ("none", [], "not a checkpoint folder"),
     ],
