@@ -196,7 +196,8 @@ def load_model(
     config = load_config(folder)
     with torch.device("meta"):
         model = GPT(config)
-    model = model.to_empty(device=device or "cpu").to(dtype or torch.float32)
+    # Cast on `meta`, then allocate: a bfloat16 model never passes through float32 memory.
+    model = model.to(dtype or torch.float32).to_empty(device=device or "cpu")
     if config.tie_embeddings:  # to_empty gives every module its own tensor
         model.lm_head.weight = model.wte.weight
     load_weights(model, folder)

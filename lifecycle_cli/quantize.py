@@ -70,9 +70,10 @@ def _frozen_linear_4bit() -> type:
     return Linear4bit
 
 
-def quantize_blocks(model: GPT) -> None:
-    """Pack the blocks' linear weights to 4 bits in place, on their device. Call it after
-    `inject_lora` (adapters stay unquantized) and before Fabric wraps the model."""
+def quantize_blocks(model: GPT, device=None) -> None:
+    """Pack the blocks' linear weights to 4 bits in place, moving them to `device` (default:
+    where they are). Call it after `inject_lora` (adapters stay unquantized) and before Fabric
+    wraps the model."""
     bnb = require_bitsandbytes()
     from torch import nn
 
@@ -85,7 +86,7 @@ def quantize_blocks(model: GPT) -> None:
             w = module.weight
             packed = bnb.nn.Params4bit(
                 w.data, requires_grad=False, quant_type=QUANT_TYPE, compress_statistics=True
-            ).to(w.device)
+            ).to(device or w.device)
             if hasattr(module, "lora_A"):  # a LoRALinear: its forward calls `linear`
                 module.weight = packed
             else:

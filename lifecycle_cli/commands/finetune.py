@@ -67,7 +67,12 @@ def finetune(
         logger: csv or tensorboard.
         seed: Seed for the data order, dropout and the validation split.
     """
-    from lifecycle_cli.checkpoint import check_checkpoint_dir, load_config, load_weights
+    from lifecycle_cli.checkpoint import (
+        check_checkpoint_dir,
+        load_config,
+        load_model,
+        load_weights,
+    )
     from lifecycle_cli.data.instruct import detect_format, load_examples
     from lifecycle_cli.lora import adapted_model, inject_lora, merge_lora, save_lora
     from lifecycle_cli.model import GPT
@@ -111,14 +116,17 @@ def finetune(
         raise UserError("classification finetuning supports --strategy auto or ddp, not fsdp")
     fabric.seed_everything(seed, verbose=False)
 
-    with fabric.init_module():
-        gpt = GPT(config)
-    load_weights(gpt, checkpoint_dir)
+    if method == "qlora":  # unpacked in CPU memory; only the packed weights reach the GPU
+        gpt = load_model(checkpoint_dir, device="cpu", dtype=param_dtype(fabric)).train()
+    else:
+        with fabric.init_module():
+            gpt = GPT(config)
+        load_weights(gpt, checkpoint_dir)
     gpt.max_seq_length = seq_length
     if method in ("lora", "qlora"):
         inject_lora(gpt, lora)
     if method == "qlora":
-        quantize_blocks(gpt)
+        quantize_blocks(gpt, fabric.device)
     model = task.model(gpt)
     if trainable_blocks is not None:
         freeze_all_but_last(model, gpt, trainable_blocks)
@@ -268,6 +276,14 @@ def freeze_all_but_last(model, gpt, k: int) -> None:
     head = model.head if hasattr(model, "head") else gpt.lm_head  # a classifier's, or the LM's
     for module in (*gpt.blocks[len(gpt.blocks) - k :], gpt.ln_f, head):
         module.requires_grad_(True)
+
+
+def param_dtype(fabric):
+    """The dtype Fabric's precision gives parameters (`--precision`)."""
+    import torch
+
+    true_half = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+    return true_half.get(str(fabric.strategy.precision.precision), torch.float32)
 
 
 def check_qlora(fabric) -> None:
