@@ -89,6 +89,42 @@ def test_finetune_on_synthetic_tasks(method, flags, lora_changes, base, tmp_path
         assert len(changed) == len(names)
 
 
+def test_lora_classifier_merges_into_what_it_validated(base, tmp_path):
+    """The saved classifier (merged GPT + class head) scores the validation file exactly as the
+    adapted model did at the last evaluation."""
+    import csv
+
+    from lifecycle_cli.classifier import Classifier
+    from lifecycle_cli.data.classify import ClassificationDataset, make_separable_examples
+
+    rows = make_separable_examples(240, seed=1)
+    for name, part in (("train.csv", rows[:200]), ("val.csv", rows[200:])):
+        with (tmp_path / name).open("w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *part])
+    out = tmp_path / "out"
+    proc = llmcycle(
+        "finetune", str(base), "--data.path", str(tmp_path / "train.csv"),
+        "--data.val_path", str(tmp_path / "val.csv"), "--method", "lora", "--train.max_steps",
+        "30", "--train.global_batch_size", "16", "--train.micro_batch_size", "16",
+        "--train.lr", "3e-3", "--train.epochs", "3", "--eval.interval", "100",
+        "--out_dir", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [float(r["accuracy"]) for r in read_metrics(out / "metrics.csv") if r["accuracy"]]
+
+    classifier = Classifier.load(out / "final")
+    tokenizer = LLM.load(base).tokenizer
+    val = ClassificationDataset(rows[200:], tokenizer, classifier.labels, 128, 0)
+    batch = val.get(range(len(rows) - 200))
+    with torch.no_grad():
+        predicted = classifier(batch["input_ids"], batch["last_index"]).argmax(-1)
+    assert (predicted == batch["labels"]).float().mean().item() == pytest.approx(logged[-1])
+    final = dict(iter_tensors(weight_files(out / "final")))
+    before = dict(iter_tensors(weight_files(base)))
+    changed = sorted(k for k in final if not torch.equal(final[k], before[k]))
+    assert changed == QKV  # the adapters (queries and values) merged; the rest untouched
+
+
 def test_lora_resumes_exactly_from_a_step_folder(base, tmp_path):
     flags = [
         *COMMON, "--method", "lora", "--lora.embedding", "true", "--lora.mlp", "true",
