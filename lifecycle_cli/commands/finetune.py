@@ -167,9 +167,10 @@ def finetune(
     if progress.step < max_steps:
         raise SystemExit(130)
     if method == "qlora":  # the adapters merge into the base they were trained against
-        dequantize_blocks(unwrap(model).gpt if classify else unwrap(model))
-    # Classification saves the GPT (its LM head untouched) and the class head beside it.
-    state = full_state_dict(fabric, unwrap(model).gpt if classify else model)  # every rank
+        dequantize_blocks(gpt)
+    # `gpt` is the module Fabric wraps (or a classifier's body: its LM head untouched, the class
+    # head saved beside it by task.finish).
+    state = full_state_dict(fabric, gpt)  # every rank
     if fabric.global_rank == 0:
         if method in ("lora", "qlora"):
             adapted = adapted_model(config, lora, state)
