@@ -39,6 +39,7 @@ ALPACA_INPUT_SYSTEM = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request."
 )
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 Message = dict[str, str]
 
 
@@ -127,6 +128,13 @@ class ChatML(PromptStyle):
         return out + ("<|im_start|>assistant\n" if gen else "")
 
 
+class Qwen(ChatML):
+    """Qwen2.5's template: ChatML with a system prompt of its own when none is given."""
+
+    def _render(self, system: Optional[str], turns: list[Message], gen: bool) -> str:
+        return super()._render(QWEN_SYSTEM if system is None else system, turns, gen)
+
+
 class Llama3(PromptStyle):
     def _render(self, system: Optional[str], turns: list[Message], gen: bool) -> str:
         messages = ([{"role": "system", "content": system}] if system else []) + turns
@@ -169,7 +177,8 @@ class Phi3(PromptStyle):
     def _render(self, system: Optional[str], turns: list[Message], gen: bool) -> str:
         messages = ([{"role": "system", "content": system}] if system else []) + turns
         out = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
-        return out + ("<|assistant|>\n" if gen else "")
+        # Phi-3's template ends a finished conversation with eos.
+        return out + ("<|assistant|>\n" if gen else self.eos_token)
 
 
 class Gemma(PromptStyle):
@@ -217,7 +226,7 @@ BUILTIN: dict[str, PromptStyle] = {
     "plain": PromptStyle("plain"),
     "alpaca": Alpaca("alpaca", ("\n\n### Instruction:", "\n### Instruction:", "### Instruction:")),
     "chatml": ChatML("chatml", ("<|im_end|>", "<|im_start|>")),
-    "qwen": ChatML("qwen", ("<|im_end|>", "<|im_start|>")),
+    "qwen": Qwen("qwen", ("<|im_end|>", "<|im_start|>")),
     "llama3": Llama3("llama3", ("<|eot_id|>", "<|start_header_id|>")),
     "llama2": Llama2("llama2", ("[INST]",)),
     "mistral": Mistral("mistral", ("[INST]",)),

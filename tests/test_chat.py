@@ -12,6 +12,7 @@ import pexpect
 import pytest
 import torch
 import transformers
+from published_templates import MISTRAL_TEMPLATE, PHI3_TEMPLATE, QWEN_TEMPLATE
 
 from lifecycle_cli.checkpoint import save_checkpoint
 from lifecycle_cli.commands.chat import ChatSession, read_message
@@ -166,15 +167,25 @@ def test_chat_in_a_terminal_streams_keeps_history_resets_and_exits(checkpoint, t
     assert child.exitstatus == 0, child.before
 
 
-def test_ctrl_d_and_empty_line_end_the_session(monkeypatch):
-    def eof(prompt=""):
-        raise EOFError
-
-    session = ChatSession(types.SimpleNamespace(context=64), None, get_style("plain"), None)
-    monkeypatch.setattr("builtins.input", eof)
-    session.run()  # returns, no exception
-    monkeypatch.setattr("builtins.input", lambda prompt="": "")
-    session.run()
+@pytest.mark.parametrize("key", ["ctrl-d", "empty line"])
+def test_ctrl_d_and_empty_line_end_the_session(checkpoint, key):
+    child = pexpect.spawn(
+        sys.executable, ["-m", "lifecycle_cli", "chat", str(checkpoint)],
+        cwd=str(REPO), encoding="utf-8", timeout=60, dimensions=(40, 200),
+    )  # fmt: skip
+    try:
+        child.expect("quits \\(so does Ctrl-D\\)")  # the help line says how to leave
+        child.expect_exact(">> Prompt: ")
+        if key == "ctrl-d":
+            child.sendeof()
+        else:
+            child.sendline("")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    # The chat just ends: no reply, no new prompt, no traceback; exit status 0.
+    assert child.before.strip() == "", child.before
+    assert (child.exitstatus, child.signalstatus) == (0, None)
 
 
 def test_read_message_joins_fenced_lines(monkeypatch):
@@ -240,7 +251,7 @@ def test_chat_template_stop_is_its_end_of_turn_token(checkpoint):
     assert style.stop == ("<|im_end|>",)
 
 
-def test_builtin_styles_render_single_and_multi_turn():
+def test_builtin_styles_render_single_and_multi_turn(checkpoint):
     assert get_style("plain").apply("just this") == "just this"
     alpaca = get_style("alpaca")
     assert alpaca.apply("Add 2 and 3.") == (
@@ -250,13 +261,32 @@ def test_builtin_styles_render_single_and_multi_turn():
     assert alpaca.apply("Sum.", input="2, 3") == (
         f"{ALPACA_INPUT_SYSTEM}\n\n### Instruction:\nSum.\n\n### Input:\n2, 3\n\n### Response:\n"
     )
-    for name in style_names()[:-1]:
-        style = get_style(name)
-        prompt = style.render(CONVERSATION[:3] + CONVERSATION[3:])
-        full = style.render([*CONVERSATION, {"role": "assistant", "content": "Red."}], False)
-        # The reply is what the whole conversation adds to its prompt (how finetune masks).
-        assert full.startswith(prompt) and "Red." in full[len(prompt) :], name
-        assert "Hello! How can I help?" in prompt and "Just one." in prompt, name
+    # Each family's style writes what its published template renders (minus the bos token the
+    # tokenizer adds itself): the prompt of one and of several turns, and the whole conversation
+    # with the reply (what finetune trains on), with a system message where the family has one.
+    tok, hf = Tokenizer(checkpoint), hf_tokenizer(checkpoint)
+    reply = {"role": "assistant", "content": "Red."}
+    published = {
+        "chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "qwen": QWEN_TEMPLATE,
+        "phi3": PHI3_TEMPLATE, "mistral": MISTRAL_TEMPLATE,
+    }  # fmt: skip
+    for name, template in published.items():
+        style = get_style(name, tok)
+        turns = [CONVERSATION[1:2], CONVERSATION[1:], [{"role": "user", "content": " Hi \n"}]]
+        if name != "mistral":  # Mistral's template has no system role
+            turns += [CONVERSATION[:2], CONVERSATION]
+        for messages in turns:
+            for conversation, gen in ((messages, True), ([*messages, reply], False)):
+                expected = hf.apply_chat_template(
+                    conversation, chat_template=template, tokenize=False, add_generation_prompt=gen
+                )
+                got = style.render(conversation, gen)
+                assert got == expected.removeprefix(hf.bos_token), (name, conversation, gen)
+    # Mistral: a system message leads the first user message.
+    first = {"role": "user", "content": "Be brief.\n\nHi there"}
+    expected = hf.apply_chat_template([first, *CONVERSATION[2:]], chat_template=MISTRAL_TEMPLATE,
+                                      tokenize=False)  # fmt: skip
+    assert get_style("mistral", tok).render(CONVERSATION) == expected.removeprefix(hf.bos_token)
     assert get_style("gemma").render(CONVERSATION[1:2]) == (
         "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"
     )
@@ -264,6 +294,11 @@ def test_builtin_styles_render_single_and_multi_turn():
         "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! How can I help? </s>"
         "<s>[INST] Name a colour.\nJust one. [/INST]"
     )
+    for name in style_names()[:-1]:  # every style: the reply is what it adds to the prompt
+        style = get_style(name)
+        prompt = style.render(CONVERSATION)
+        full = style.render([*CONVERSATION, reply], False)
+        assert full.startswith(prompt) and "Red." in full[len(prompt) :], name
 
 
 def test_prompt_style_file_and_the_order_styles_are_chosen_in(tmp_path):
