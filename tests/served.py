@@ -29,11 +29,17 @@ SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def tiny_checkpoint(
-    folder: Path, context: int = 256, chat_template: Optional[str] = None, logit_scale: float = 1
+    folder: Path,
+    context: int = 256,
+    chat_template: Optional[str] = None,
+    logit_scale: float = 1,
+    logit_offset: float = 0,
 ) -> Path:
     """A random 2-layer model with a 400-token BPE tokenizer (ChatML's special tokens among
     them, and `chat_template` as its template if given), saved in `folder`. Its logits are
-    nearly flat unless `logit_scale` sharpens them (then the temperature changes samples)."""
+    nearly flat unless `logit_scale` sharpens them (then the temperature changes samples).
+    `logit_offset` is added to every logit (an output bias): it changes no probability, but
+    at 64 a 16-bit float keeps too few digits to tell the logits apart."""
     tok_dir = folder.parent / f"{folder.name}-tokenizer"
     tok = train_bpe(None, 400, tok_dir, texts=[TEXT], special_tokens=SPECIALS)
     if chat_template is not None:
@@ -42,10 +48,13 @@ def tiny_checkpoint(
     config = Config(
         name="tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
         block_size=context, intermediate_size=64, norm="rmsnorm", mlp="swiglu", bias=False,
+        lm_head_bias=bool(logit_offset),
     )  # fmt: skip
     model = GPT(config)
     with torch.no_grad():
         model.lm_head.weight *= logit_scale
+        if logit_offset:
+            model.lm_head.bias.fill_(logit_offset)
     return save_checkpoint(folder, model, tokenizer_dir=tok_dir)
 
 
