@@ -179,9 +179,11 @@ def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
     dequantized base as a plain checkpoint."""
     from lifecycle_cli.commands import finetune as verb
     from lifecycle_cli.data.args import InstructData
-    from lifecycle_cli.train.args import EvalArgs, LoRAArgs, TrainArgs
+    from lifecycle_cli.lora import LoRAArgs
+    from lifecycle_cli.train.args import EvalArgs, TrainArgs
+    from lifecycle_cli.train.tasks import from_checkpoint
 
-    monkeypatch.setattr(verb, "check_qlora", lambda fabric: None)
+    monkeypatch.setattr(from_checkpoint, "check_qlora", lambda fabric: None)
     run = dict(
         data=InstructData(synthetic="reverse,add", synthetic_train_size=200, synthetic_val_size=8),
         method="qlora", lora=LoRAArgs(r=4, alpha=8, dropout=0.1, mlp=True), prompt_style="plain",
