@@ -54,6 +54,16 @@ COMMON = [
 
 QKV = ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"]
 
+# "max" (the largest of 3-5 digits) is learnable from the random base within a test's budget:
+# full finetuning reaches exact match 0.94 at step 300 here. Always answering "9" scores ~0.34.
+LEARNABLE = [
+    "--data.synthetic", "max", "--data.synthetic_train_size", "2000",
+    "--data.synthetic_val_size", "32", "--prompt_style", "plain", "--train.max_steps", "300",
+    "--train.epochs", "10", "--train.global_batch_size", "16", "--train.micro_batch_size", "16",
+    "--train.lr", "5e-3", "--train.warmup_steps", "10", "--eval.interval", "150",
+    "--exact_match_samples", "32", "--max_new_tokens", "4",
+]  # fmt: skip
+
 
 @pytest.mark.parametrize(
     "method, flags, lora_changes",
@@ -65,13 +75,16 @@ QKV = ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"]
 )
 def test_finetune_on_synthetic_tasks(method, flags, lora_changes, base, tmp_path):
     out = tmp_path / "out"
-    proc = llmcycle("finetune", str(base), "--method", method, "--out_dir", str(out), *COMMON,
-                    *flags, cwd=tmp_path)  # fmt: skip
+    proc = llmcycle("finetune", str(base), "--method", method, "--out_dir", str(out),
+                    *LEARNABLE, *flags, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_metrics(out / "metrics.csv") if r["val_loss"]]
     assert len(rows) == 2
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
-    assert all(0.0 <= float(r["exact_match"]) <= 1.0 for r in rows)
+    matched = [float(r["exact_match"]) for r in rows]
+    assert matched[-1] > 0.1, matched  # answers are generated and compared at all
+    if method == "full":  # it learns the task (LoRA on a random base is slower: see README)
+        assert matched[-1] >= 0.7, matched
     assert "trainable parameters" in proc.stdout
 
     llm = LLM.load(out / "final")  # a plain checkpoint whatever the method
@@ -176,7 +189,10 @@ def test_lora_under_ddp_and_fsdp_matches_one_process(base, tmp_path):
 def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
     """The verb asks for CUDA; with that check lifted, bitsandbytes' CPU path runs the same
     wiring: packed base, step folders that resume exactly, adapters merged into the
-    dequantized base as a plain checkpoint."""
+    dequantized base as a plain checkpoint.
+
+    The CUDA check is patched out, so QLoRA on CUDA itself (bitsandbytes' GPU kernels) never
+    runs in this suite; it runs only where a GPU is lent (see the report of issue 14)."""
     from lifecycle_cli.commands import finetune as verb
     from lifecycle_cli.data.args import InstructData
     from lifecycle_cli.lora import LoRAArgs
@@ -195,6 +211,14 @@ def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
     verb.finetune(base, out_dir=tmp_path / "resumed", resume=tmp_path / "straight/step-000002",
                   **run)  # fmt: skip
 
+    # The second run continued at step 2: it trained steps 3 and 4 only, with the losses the
+    # uninterrupted run had there (a run that ignored --resume would log steps 1-4).
+    def losses(name: str) -> dict[int, str]:
+        rows = read_metrics(tmp_path / name / "metrics.csv")
+        return {int(r["step"]): r["train_loss"] for r in rows if r["train_loss"]}
+
+    assert sorted(losses("straight")) == [1, 2, 3, 4]
+    assert losses("resumed") == {k: losses("straight")[k] for k in (3, 4)}
     final = {name: dict(iter_tensors(weight_files(tmp_path / name / "final")))
              for name in ("straight", "resumed")}  # fmt: skip
     assert all(torch.equal(final["resumed"][k], v) for k, v in final["straight"].items())
@@ -221,7 +245,11 @@ def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
     [
         ("bad_jsonl", [], "data.jsonl:2"),
         ("good", ["--prompt_style", "nope"], "unknown prompt style 'nope'"),
-        ("good", ["--method", "qlora"], "--method qlora"),
+        (
+            "good",
+            ["--method", "qlora"],
+            "needs a CUDA GPU (bitsandbytes 4-bit kernels), this run is on cpu; use --method lora",
+        ),
         ("good", ["--trainable_blocks", "1"], "--trainable_blocks applies to --method full"),
         ("good", ["--lora.head", "true"], "use --lora.embedding true"),  # head tied to wte
         ("good", ["--train.max_seq_length", "4096"], "exceeds the model's context"),
