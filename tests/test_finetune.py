@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lifecycle_cli import LLM
@@ -35,6 +36,13 @@ def base(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     save_checkpoint(folder / "ckpt", GPT(config), tokenizer_dir=folder / "tok")
     return folder / "ckpt"
+
+
+def probe(*args, cwd: Path, **env) -> subprocess.CompletedProcess:
+    """`llmcycle` through tests/verb_probe.py (e.g. a compile backend)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    cmd = [sys.executable, str(Path(__file__).parent / "verb_probe.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def llmcycle(*args, cwd: Path) -> subprocess.CompletedProcess:
@@ -173,13 +181,22 @@ def test_lora_under_ddp_and_fsdp_matches_one_process(base, tmp_path):
         "single": [],
         "ddp": ["--devices", "2", "--strategy", "ddp"],
         "fsdp": ["--devices", "2", "--strategy", "fsdp"],
+        "compiled": ["--compile", "true"],
     }.items():
         out = tmp_path / name
-        proc = llmcycle("finetune", str(base), *flags, *extra, "--out_dir", str(out), cwd=tmp_path)
+        args = ["finetune", str(base), *flags, *extra, "--out_dir", str(out)]
+        if name == "compiled":  # dynamo + AOT autograd, without inductor's C++ build
+            proc = probe(*args, cwd=tmp_path, PROBE_COMPILE_BACKEND="aot_eager")
+            assert "compiled: GPT" in proc.stdout
+        else:
+            proc = llmcycle(*args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         finals[name] = dict(iter_tensors(weight_files(out / "final")))
         adapters[name] = load_file(out / "lora.safetensors")
-    for name in ("ddp", "fsdp"):
+    hparams = yaml.safe_load((tmp_path / "ddp" / "hparams.yaml").read_text())
+    assert hparams["method"] == "lora" and hparams["devices"] == 2
+    assert hparams["lora"]["embedding"] is True
+    for name in ("ddp", "fsdp", "compiled"):
         for saved in (finals, adapters):
             assert saved[name].keys() == saved["single"].keys()
             for key, tensor in saved["single"].items():
