@@ -312,8 +312,9 @@ def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(corpus, tmp_path):
     for name in ("ddp", "fsdp", "fsdp_ac", "compiled"):
         for step, loss in runs["single"].items():
             assert abs(runs[name][step] - loss) < 1e-5, (name, step, runs[name][step], loss)
-    # Activation checkpointing recomputes every block's forward in backward.
-    assert block_forwards(procs["fsdp_ac"]) > 1.5 * block_forwards(procs["fsdp"])
+    # Activation checkpointing recomputes each training forward of a block once in backward:
+    # 6 steps x 1 micro-batch per rank x 2 blocks (measured: 20 forwards without, 32 with).
+    assert block_forwards(procs["fsdp_ac"]) - block_forwards(procs["fsdp"]) == 6 * 1 * 2
     assert "compiled: GPT" in procs["compiled"].stdout
 
     # FSDP writes sharded step checkpoints; final/ is consolidated into plain safetensors.
