@@ -90,3 +90,11 @@ def test_packed_state_loads_onto_a_base_quantized_again():
     inject_lora(again, ARGS)
     again.load_state_dict(state)
     assert torch.equal(again(TOKENS), model(TOKENS))
+
+
+def test_quantizing_after_lora_is_refused_by_name():
+    """Packed layers are wrapped by LoRA, not the other way round: quantize first."""
+    model = model_for(tiny("SmolLM2-135M"))
+    inject_lora(model, ARGS)
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv is a LoRALinear"):
+        quantize_blocks(model)
