@@ -57,10 +57,10 @@ def measure(method: str) -> dict:
         model = GPT(config).to(dtype)
     params = sum(p.numel() for p in model.parameters())
     trainable = params
+    if method == "qlora":  # packed first; the adapters then wrap the packed layers
+        quantize_blocks(model)
     if method in ("lora", "qlora"):
         trainable = inject_lora(model, LoRAArgs(r=8, alpha=16, query=True, value=True))
-    if method == "qlora":
-        quantize_blocks(model)
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.0, (0.9, 0.95), fused=True)
     batch = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), device=device)

@@ -13,8 +13,14 @@ its tied embeddings hold what each token means both as input and as prediction, 
 config adapting every linear layer (even at full rank) stalls where training the embeddings too
 does not.
 
-The flags (`LoRAArgs`) live in train/args.py; the layer class is built on first use
-(`LoRALinear` resolves lazily), so importing this module costs no torch.
+A `LoRALinear` wraps any linear layer through one small interface: it holds the base layer's
+weight and bias and computes the base output with the base layer's own class `forward` on them.
+So a 4-bit packed layer from `quantize.py` (quantize first, then inject) is adapted exactly like
+a plain `nn.Linear`, and neither module knows the other.
+
+The options (`LoRAArgs`, the `--lora.*` flags) are defined here, beside the layers; the layer
+classes are built on first use (`LoRALinear` resolves lazily), so importing this module costs no
+torch.
 """
 
 from __future__ import annotations
@@ -25,17 +31,50 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+import lifecycle_cli
 from lifecycle_cli.errors import UserError
-from lifecycle_cli.train.args import LoRAArgs
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
-    from lifecycle_cli.model import GPT
+# Annotations name the model through the package (`lifecycle_cli.model.GPT`), not a
+# TYPE_CHECKING import: jsonargparse runs a flag dataclass's module's TYPE_CHECKING block when it
+# reads LoRAArgs, and `llmcycle finetune --help` must not import torch.
+StateDict = dict[str, Any]  # tensors by state-dict name
 
 METADATA_KEY = "lora_args"
+
+
+@dataclasses.dataclass
+class LoRAArgs:
+    """Low-rank adapters: their size and the layers that get one."""
+
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: int = 16
+    """Scale: the adapter's output is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input during training."""
+    query: bool = True
+    """Adapt the attention queries."""
+    key: bool = False
+    """Adapt the attention keys."""
+    value: bool = True
+    """Adapt the attention values."""
+    projection: bool = False
+    """Adapt the attention output projection."""
+    mlp: bool = False
+    """Adapt every linear layer of the MLP (of every expert in a mixture of experts)."""
+    head: bool = False
+    """Adapt the output head (when it shares its weight with the embeddings: --lora.embedding)."""
+    embedding: bool = False
+    """Adapt the token embeddings (and the output head, when the two share one matrix)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise UserError(
+                f"--lora.r must be >= 1, --lora.alpha > 0 and 0 <= --lora.dropout < 1 "
+                f"(got r={self.r}, alpha={self.alpha}, dropout={self.dropout})"
+            )
 
 
 @functools.cache
@@ -43,8 +82,6 @@ def _lora_linear() -> type:
     import torch
     import torch.nn.functional as F
     from torch import nn
-
-    from lifecycle_cli.quantize import linear
 
     class LoRALinear(nn.Linear):
         """`base`'s weight and bias plus one rank-r adapter per part: `parts` are (start, size)
@@ -54,10 +91,15 @@ def _lora_linear() -> type:
         def __init__(self, base: nn.Linear, args: LoRAArgs, parts=None) -> None:
             super().__init__(base.in_features, base.out_features, base.bias is not None, "meta")
             self.weight, self.bias = base.weight, base.bias
+            # The base's own matmul on these (same-named) tensors: plain, or e.g. packed 4-bit.
+            # A class function, not the base module: Fabric/FSDP swap this layer's parameters.
+            self.base_forward = type(base).forward
             self.parts = tuple(parts or [(0, base.out_features)])
             self.r, self.scaling = args.r, args.alpha / args.r
             rows = sum(size for _, size in self.parts)
-            like = {"device": base.weight.device, "dtype": base.weight.dtype}
+            w = base.weight  # a packed weight is not floating point: adapters in the default
+            dtype = w.dtype if w.is_floating_point() else torch.get_default_dtype()
+            like = {"device": w.device, "dtype": dtype}
             self.lora_A = nn.Parameter(
                 torch.empty(len(self.parts) * args.r, self.in_features, **like)
             )
@@ -74,7 +116,7 @@ def _lora_linear() -> type:
             return zip(rows, self.lora_A.split(self.r), bs)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = linear(x, self.weight, self.bias)  # the weight may be packed 4-bit (QLoRA)
+            y = self.base_forward(self, x)
             ax = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
             if self.parts == ((0, self.out_features),):
                 return y + F.linear(ax, self.lora_B)
@@ -87,7 +129,8 @@ def _lora_linear() -> type:
         @torch.no_grad()
         def merged(self) -> nn.Linear:
             """A plain nn.Linear with weight W + scaling * B A on each part's rows (a new
-            tensor: W may be shared, e.g. with a live model a state dict came from)."""
+            tensor: W may be shared, e.g. with a live model a state dict came from). A packed
+            base must be unpacked first (`quantize.dequantize_blocks`)."""
             weight = self.weight.clone()
             for rows, a, b in self.pieces():
                 weight[rows] += (b @ a * self.scaling).to(weight.dtype)
@@ -173,7 +216,7 @@ def __getattr__(name: str):  # `lifecycle_cli.lora.LoRALinear`, built (torch imp
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def inject_lora(model: GPT, args: LoRAArgs) -> int:
+def inject_lora(model: lifecycle_cli.model.GPT, args: LoRAArgs) -> int:
     """Put adapters on the layers `args` chooses, freeze everything else; the number of
     trainable parameters. Call it before Fabric (or DDP/FSDP) wraps the model."""
     from torch import nn
@@ -227,7 +270,7 @@ def _adapted(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def lora_state_dict(model) -> dict[str, Tensor]:
+def lora_state_dict(model) -> StateDict:
     """The adapter tensors only, by state-dict name (`blocks.0.attn.qkv.lora_A`, ...)."""
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
@@ -281,7 +324,7 @@ def load_lora(model, path: Path) -> LoRAArgs:
     return args
 
 
-def merge_lora(model: GPT) -> None:
+def merge_lora(model: lifecycle_cli.model.GPT) -> None:
     """Fold every adapter into its base weight and make the layers plain again: the state dict
     then has exactly a plain GPT's keys. Parameters stay as frozen as they were."""
     for name, module in _adapted(model).items():
@@ -290,7 +333,7 @@ def merge_lora(model: GPT) -> None:
         model.lm_head.weight = model.wte.weight
 
 
-def adapted_model(config, args: LoRAArgs, state: dict[str, Tensor]) -> GPT:
+def adapted_model(config, args: LoRAArgs, state: StateDict) -> lifecycle_cli.model.GPT:
     """A GPT with adapters that holds `state` (a full state dict, adapters included) without
     copying it: how finetune saves and merges what a (possibly sharded) run trained."""
     import torch

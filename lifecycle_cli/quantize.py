@@ -1,10 +1,11 @@
 """4-bit NF4 base weights for QLoRA, through bitsandbytes.
 
-`quantize_blocks` packs the weight of every linear layer in the transformer blocks (adapted by
-LoRA or not) into NF4 with double-quantized scales; embeddings, norms, the head and a mixture's
-router stay in the compute dtype. `linear` is the one matmul both kinds of layer call: it
-dequantizes a packed weight on the fly. `dequantize_blocks` turns them back into plain weights so
-that the adapters merge into an ordinary checkpoint.
+`quantize_blocks` turns every plain `nn.Linear` in the transformer blocks into a `Linear4bit`
+whose weight is packed into NF4 with double-quantized scales; embeddings, norms, the head and a
+mixture's router stay in the compute dtype. Quantize before anything wraps those layers: LoRA
+(`lora.py`) then adapts a `Linear4bit` as it adapts any linear layer, by running the layer's own
+`forward` on its weight. `dequantize_blocks` unpacks every packed weight (whatever layer holds it)
+so that adapters merge into an ordinary checkpoint.
 
 Packing is deterministic: the same base weights give the same packed bytes, which is what lets a
 QLoRA run resume from a step folder (the base is quantized again from the original checkpoint
@@ -41,7 +42,7 @@ def is_4bit(weight) -> bool:
 
 
 def linear(x: Tensor, weight, bias) -> Tensor:
-    """F.linear for a plain or a packed 4-bit weight."""
+    """F.linear for a plain or a packed 4-bit weight (so a layer stays right once unpacked)."""
     import torch.nn.functional as F
 
     if not is_4bit(weight):
@@ -72,8 +73,8 @@ def _frozen_linear_4bit() -> type:
 
 def quantize_blocks(model: GPT, device=None) -> None:
     """Pack the blocks' linear weights to 4 bits in place, moving them to `device` (default:
-    where they are). Call it after `inject_lora` (adapters stay unquantized) and before Fabric
-    wraps the model."""
+    where they are). Call it before `inject_lora` (which then adapts the packed layers) and
+    before Fabric wraps the model."""
     bnb = require_bitsandbytes()
     from torch import nn
 
@@ -83,14 +84,16 @@ def quantize_blocks(model: GPT, device=None) -> None:
         for name, module in list(block.named_modules(prefix=f"blocks.{i}")):
             if not isinstance(module, nn.Linear) or module is router:
                 continue
+            if type(module) is not nn.Linear:
+                raise ValueError(
+                    f"{name} is a {type(module).__name__}: quantize_blocks packs plain "
+                    "nn.Linear layers; quantize before wrapping them (e.g. before inject_lora)"
+                )
             w = module.weight
             packed = bnb.nn.Params4bit(
                 w.data, requires_grad=False, quant_type=QUANT_TYPE, compress_statistics=True
             ).to(device or w.device)
-            if hasattr(module, "lora_A"):  # a LoRALinear: its forward calls `linear`
-                module.weight = packed
-            else:
-                model.set_submodule(name, Linear4bit(module, packed))
+            model.set_submodule(name, Linear4bit(module, packed))
 
 
 def dequantize_blocks(model: GPT) -> None:

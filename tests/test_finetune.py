@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lifecycle_cli import LLM
@@ -37,6 +38,13 @@ def base(tmp_path_factory) -> Path:
     return folder / "ckpt"
 
 
+def probe(*args, cwd: Path, **env) -> subprocess.CompletedProcess:
+    """`llmcycle` through tests/verb_probe.py (e.g. a compile backend)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    cmd = [sys.executable, str(Path(__file__).parent / "verb_probe.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def llmcycle(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "lifecycle_cli", *args]
@@ -54,6 +62,16 @@ COMMON = [
 
 QKV = ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"]
 
+# "max" (the largest of 3-5 digits) is learnable from the random base within a test's budget:
+# full finetuning reaches exact match 0.94 at step 300 here. Always answering "9" scores ~0.34.
+LEARNABLE = [
+    "--data.synthetic", "max", "--data.synthetic_train_size", "2000",
+    "--data.synthetic_val_size", "32", "--prompt_style", "plain", "--train.max_steps", "300",
+    "--train.epochs", "10", "--train.global_batch_size", "16", "--train.micro_batch_size", "16",
+    "--train.lr", "5e-3", "--train.warmup_steps", "10", "--eval.interval", "150",
+    "--exact_match_samples", "32", "--max_new_tokens", "4",
+]  # fmt: skip
+
 
 @pytest.mark.parametrize(
     "method, flags, lora_changes",
@@ -65,13 +83,16 @@ QKV = ["blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"]
 )
 def test_finetune_on_synthetic_tasks(method, flags, lora_changes, base, tmp_path):
     out = tmp_path / "out"
-    proc = llmcycle("finetune", str(base), "--method", method, "--out_dir", str(out), *COMMON,
-                    *flags, cwd=tmp_path)  # fmt: skip
+    proc = llmcycle("finetune", str(base), "--method", method, "--out_dir", str(out),
+                    *LEARNABLE, *flags, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in read_metrics(out / "metrics.csv") if r["val_loss"]]
     assert len(rows) == 2
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
-    assert all(0.0 <= float(r["exact_match"]) <= 1.0 for r in rows)
+    matched = [float(r["exact_match"]) for r in rows]
+    assert matched[-1] > 0.1, matched  # answers are generated and compared at all
+    if method == "full":  # it learns the task (LoRA on a random base is slower: see README)
+        assert matched[-1] >= 0.7, matched
     assert "trainable parameters" in proc.stdout
 
     llm = LLM.load(out / "final")  # a plain checkpoint whatever the method
@@ -160,13 +181,22 @@ def test_lora_under_ddp_and_fsdp_matches_one_process(base, tmp_path):
         "single": [],
         "ddp": ["--devices", "2", "--strategy", "ddp"],
         "fsdp": ["--devices", "2", "--strategy", "fsdp"],
+        "compiled": ["--compile", "true"],
     }.items():
         out = tmp_path / name
-        proc = llmcycle("finetune", str(base), *flags, *extra, "--out_dir", str(out), cwd=tmp_path)
+        args = ["finetune", str(base), *flags, *extra, "--out_dir", str(out)]
+        if name == "compiled":  # dynamo + AOT autograd, without inductor's C++ build
+            proc = probe(*args, cwd=tmp_path, PROBE_COMPILE_BACKEND="aot_eager")
+            assert "compiled: GPT" in proc.stdout
+        else:
+            proc = llmcycle(*args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         finals[name] = dict(iter_tensors(weight_files(out / "final")))
         adapters[name] = load_file(out / "lora.safetensors")
-    for name in ("ddp", "fsdp"):
+    hparams = yaml.safe_load((tmp_path / "ddp" / "hparams.yaml").read_text())
+    assert hparams["method"] == "lora" and hparams["devices"] == 2
+    assert hparams["lora"]["embedding"] is True
+    for name in ("ddp", "fsdp", "compiled"):
         for saved in (finals, adapters):
             assert saved[name].keys() == saved["single"].keys()
             for key, tensor in saved["single"].items():
@@ -176,12 +206,17 @@ def test_lora_under_ddp_and_fsdp_matches_one_process(base, tmp_path):
 def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
     """The verb asks for CUDA; with that check lifted, bitsandbytes' CPU path runs the same
     wiring: packed base, step folders that resume exactly, adapters merged into the
-    dequantized base as a plain checkpoint."""
+    dequantized base as a plain checkpoint.
+
+    The CUDA check is patched out, so QLoRA on CUDA itself (bitsandbytes' GPU kernels) never
+    runs in this suite; it runs only where a GPU is lent (see the report of issue 14)."""
     from lifecycle_cli.commands import finetune as verb
     from lifecycle_cli.data.args import InstructData
-    from lifecycle_cli.train.args import EvalArgs, LoRAArgs, TrainArgs
+    from lifecycle_cli.lora import LoRAArgs
+    from lifecycle_cli.train.args import EvalArgs, TrainArgs
+    from lifecycle_cli.train.tasks import from_checkpoint
 
-    monkeypatch.setattr(verb, "check_qlora", lambda fabric: None)
+    monkeypatch.setattr(from_checkpoint, "check_qlora", lambda fabric: None)
     run = dict(
         data=InstructData(synthetic="reverse,add", synthetic_train_size=200, synthetic_val_size=8),
         method="qlora", lora=LoRAArgs(r=4, alpha=8, dropout=0.1, mlp=True), prompt_style="plain",
@@ -193,6 +228,14 @@ def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
     verb.finetune(base, out_dir=tmp_path / "resumed", resume=tmp_path / "straight/step-000002",
                   **run)  # fmt: skip
 
+    # The second run continued at step 2: it trained steps 3 and 4 only, with the losses the
+    # uninterrupted run had there (a run that ignored --resume would log steps 1-4).
+    def losses(name: str) -> dict[int, str]:
+        rows = read_metrics(tmp_path / name / "metrics.csv")
+        return {int(r["step"]): r["train_loss"] for r in rows if r["train_loss"]}
+
+    assert sorted(losses("straight")) == [1, 2, 3, 4]
+    assert losses("resumed") == {k: losses("straight")[k] for k in (3, 4)}
     final = {name: dict(iter_tensors(weight_files(tmp_path / name / "final")))
              for name in ("straight", "resumed")}  # fmt: skip
     assert all(torch.equal(final["resumed"][k], v) for k, v in final["straight"].items())
@@ -219,7 +262,11 @@ def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
     [
         ("bad_jsonl", [], "data.jsonl:2"),
         ("good", ["--prompt_style", "nope"], "unknown prompt style 'nope'"),
-        ("good", ["--method", "qlora"], "--method qlora"),
+        (
+            "good",
+            ["--method", "qlora"],
+            "needs a CUDA GPU (bitsandbytes 4-bit kernels), this run is on cpu; use --method lora",
+        ),
         ("good", ["--trainable_blocks", "1"], "--trainable_blocks applies to --method full"),
         ("good", ["--lora.head", "true"], "use --lora.embedding true"),  # head tied to wte
         ("good", ["--train.max_seq_length", "4096"], "exceeds the model's context"),

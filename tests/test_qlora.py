@@ -28,9 +28,9 @@ def block_linears(model: GPT) -> dict[str, nn.Module]:
 def test_packed_base_is_close_small_and_frozen(family):
     reference = model_for(tiny(family, n_embd=64, intermediate_size=128))  # 64-value blocks
     model = copy.deepcopy(reference)
-    inject_lora(model, ARGS)
     before = sum(m.weight.numel() * 4 for m in block_linears(model).values())
     quantize_blocks(model)
+    inject_lora(model, ARGS)  # adapts the packed layers
 
     layers = block_linears(model)
     assert all(is_4bit(m.weight) for m in layers.values())  # adapted (qkv, proj) and not (mlp)
@@ -51,8 +51,8 @@ def test_packed_base_is_close_small_and_frozen(family):
 
 def test_adapters_train_on_the_packed_base_and_merge_into_its_dequantized_weights():
     model = model_for(tiny("SmolLM2-135M"))
-    inject_lora(model, ARGS)
     quantize_blocks(model)
+    inject_lora(model, ARGS)
     packed = {n: m.weight.clone() for n, m in block_linears(model).items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -80,13 +80,21 @@ def test_packed_state_loads_onto_a_base_quantized_again():
     tensors (packed weights and adapters) onto it, and get the same model."""
     base = model_for(tiny("SmolLM2-135M"))
     model = copy.deepcopy(base)
-    inject_lora(model, ARGS)
     quantize_blocks(model)
+    inject_lora(model, ARGS)
     train(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     again = copy.deepcopy(base)
-    inject_lora(again, ARGS)
     quantize_blocks(again)
+    inject_lora(again, ARGS)
     again.load_state_dict(state)
     assert torch.equal(again(TOKENS), model(TOKENS))
+
+
+def test_quantizing_after_lora_is_refused_by_name():
+    """Packed layers are wrapped by LoRA, not the other way round: quantize first."""
+    model = model_for(tiny("SmolLM2-135M"))
+    inject_lora(model, ARGS)
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv is a LoRALinear"):
+        quantize_blocks(model)

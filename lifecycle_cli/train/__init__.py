@@ -1,1 +1,3 @@
-"""The one training loop shared by pretrain, finetune and align, and what it needs around it."""
+"""Training: one session (`session.py`) runs a task (`tasks/`: pretraining, instruction
+finetuning, classification) through the one loop (`loop.py`), with Fabric, resume state and
+logging beside it."""

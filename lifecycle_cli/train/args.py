@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Literal, Optional, Union
 
 from lifecycle_cli.errors import UserError
 
@@ -96,34 +97,33 @@ class EvalArgs:
     """Evaluate once after training."""
 
 
-@dataclass
-class LoRAArgs:
-    """Low-rank adapters: their size and the layers that get one."""
+# The run flags every training verb has, spelled once: their types here, their help below.
+Resume = Union[bool, Literal["auto"], Path]
+Devices = Union[int, str]
+StrategyName = Literal["auto", "ddp", "fsdp"]
+LoggerName = Literal["csv", "tensorboard"]
+RUN_FLAGS = (
+    "resume", "devices", "num_nodes", "strategy", "precision", "logger", "seed", "compile",
+    "activation_checkpointing",
+)  # fmt: skip
 
-    r: int = 8
-    """Rank of the adapters."""
-    alpha: int = 16
-    """Scale: the adapter's output is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapters' input during training."""
-    query: bool = True
-    """Adapt the attention queries."""
-    key: bool = False
-    """Adapt the attention keys."""
-    value: bool = True
-    """Adapt the attention values."""
-    projection: bool = False
-    """Adapt the attention output projection."""
-    mlp: bool = False
-    """Adapt every linear layer of the MLP (of every expert in a mixture of experts)."""
-    head: bool = False
-    """Adapt the output head (when it shares its weight with the embeddings: --lora.embedding)."""
-    embedding: bool = False
-    """Adapt the token embeddings (and the output head, when the two share one matrix)."""
+RUN_FLAGS_HELP = """
+        resume: `auto` continues from the newest step folder in out_dir (or starts fresh if there
+            is none); a path continues from that step folder.
+        devices: Devices (processes on CPU) per node.
+        num_nodes: Machines; launch one process per node the way Fabric/torchrun does.
+        strategy: auto (one device or DDP), ddp, or fsdp (FSDP2, sharded).
+        precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-mixed on a GPU that
+            supports it, else 32-true).
+        logger: csv (metrics.csv) or tensorboard (also out_dir/tensorboard/).
+        seed: Seed for initialisation, data order, dropout and the validation split.
+        compile: Compile the model with torch.compile.
+        activation_checkpointing: Recompute each block's activations in backward (FSDP only).
+"""
 
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise UserError(
-                f"--lora.r must be >= 1, --lora.alpha > 0 and 0 <= --lora.dropout < 1 "
-                f"(got r={self.r}, alpha={self.alpha}, dropout={self.dropout})"
-            )
+
+def with_run_flags_help(verb):
+    """Append the run flags' help to a training verb's docstring (its `Args:` section ends it),
+    so every training verb describes them in the same words. jsonargparse reads the result."""
+    verb.__doc__ = verb.__doc__.rstrip() + RUN_FLAGS_HELP
+    return verb

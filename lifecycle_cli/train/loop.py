@@ -1,6 +1,6 @@
-"""The training loop: one for pretraining, finetuning and alignment.
+"""The training loop: one for every task (pretraining, finetuning, classification).
 
-What differs between those is the data (`get(indices)` -> batch) and the objective
+What differs between tasks is the data (`TrainData`: `get(indices)` -> batch) and the objective
 (`objective(model, batch)` -> mean loss); everything else lives here: gradient accumulation,
 clipping, the LR schedule, evaluation, checkpoints, exact resume, logging and throughput.
 
@@ -15,11 +15,12 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from lifecycle_cli.train.args import EvalArgs, TrainArgs
+from lifecycle_cli.train.data import Batch, TrainData
 from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
 from lifecycle_cli.train.schedule import lr_at
 from lifecycle_cli.train.state import Progress, prune_steps, save_step
@@ -30,9 +31,9 @@ from lifecycle_cli.train.throughput import Throughput, peak_flops
 class Run:
     """Everything `fit` needs besides the model and optimizer."""
 
-    objective: Callable[[torch.nn.Module, Any], torch.Tensor]
-    train_data: Any  # .get(indices) -> batch
-    val_data: Any  # .get(indices) -> batch, len()
+    objective: Callable[[torch.nn.Module, Batch], torch.Tensor]
+    train_data: TrainData
+    val_data: TrainData
     train: TrainArgs
     eval: EvalArgs
     out_dir: Path
@@ -49,7 +50,7 @@ class Run:
 def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     """Train until run.max_steps (or a SIGINT/SIGTERM); return the final counters.
 
-    The caller writes final/ (what it holds depends on the verb: merged LoRA, a classifier).
+    The session has the task write final/ (merged LoRA, a classifier head, ...).
     """
     args, world = run.train, fabric.world_size
     accumulation = args.accumulation(world)
@@ -164,7 +165,7 @@ def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> float:
     return val_loss
 
 
-def count_tokens(batch) -> int | torch.Tensor:
+def count_tokens(batch: Batch) -> int | torch.Tensor:
     """Tokens the model reads in a batch: (B, T + 1) token blocks or a dict from a dataset."""
     if isinstance(batch, dict):
         return batch["n_tokens"] if "n_tokens" in batch else batch["input_ids"].numel()
