@@ -1,7 +1,8 @@
 """`Config`: one dataclass that describes every supported architecture.
 
-A model family is a set of values for these fields (see `zoo/`); `model.GPT` reads them and
-nothing else. No torch here: the CLI imports this module to build its help.
+A model family is a set of values for these fields (see `zoo/`, which builds on this module and
+holds the named configurations: `zoo.named_config`); `model.GPT` reads them and nothing else.
+No torch here: the CLI imports this module to build its help.
 """
 
 from __future__ import annotations
@@ -130,13 +131,6 @@ class Config:
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a mapping of config fields")
         return cls.from_dict(values, source=str(path))
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> Config:
-        """A named configuration from the zoo (`llmcycle download list` shows them)."""
-        from lifecycle_cli.zoo import named_config
-
-        return cls.from_dict({**named_config(name), **overrides}, source=f"model {name!r}")
 
     def save(self, path: Path | str) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -13,10 +13,10 @@ from hf_models import make_hf_model
 
 from lifecycle_cli import LLM
 from lifecycle_cli.checkpoint import INDEX_FILE, ShardWriter, load_model, save_checkpoint
-from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.model import GPT
 from lifecycle_cli.tokenizer import train_bpe
+from lifecycle_cli.zoo import named_config
 from lifecycle_cli.zoo.convert import convert_hf_checkpoint
 
 
@@ -31,7 +31,7 @@ def tiny(name: str = "gpt2", **overrides) -> GPT:
         block_size=32,
         intermediate_size=64,
     )
-    return GPT(Config.from_name(name, **{**fields, **overrides}))
+    return GPT(named_config(name, **{**fields, **overrides}))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Mixtral-8x7B-v0.1"])

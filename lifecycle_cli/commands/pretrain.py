@@ -169,7 +169,9 @@ def choose_config(model_name, model_config, initial_checkpoint_dir, load_config)
             "give exactly one of: a model name, --model_config, --initial_checkpoint_dir"
         )
     if model_name is not None:
-        return Config.from_name(model_name)
+        from lifecycle_cli.zoo import named_config
+
+        return named_config(model_name)
     if model_config is not None:
         return model_config
     return load_config(initial_checkpoint_dir)
