@@ -74,7 +74,7 @@ class Config:
         if self.head_size is None:
             if self.n_embd % self.n_head:
                 raise UserError(
-                    f"config {self.name!r}: n_embd={self.n_embd} is not divisible by "
+                    f"{self._what()}: n_embd={self.n_embd} is not divisible by "
                     f"n_head={self.n_head}; set head_size"
                 )
             self.head_size = self.n_embd // self.n_head
@@ -84,18 +84,19 @@ class Config:
             self.attn_bias = self.bias
         if self.n_head % self.n_query_groups:
             raise UserError(
-                f"config {self.name!r}: n_head={self.n_head} is not a multiple of "
+                f"{self._what()}: n_head={self.n_head} is not a multiple of "
                 f"n_query_groups={self.n_query_groups}"
             )
         if self.mlp == "moe" and not 0 < self.n_expert_per_token <= self.n_expert:
-            raise UserError(
-                f"config {self.name!r}: mlp 'moe' needs 0 < n_expert_per_token <= n_expert"
-            )
+            raise UserError(f"{self._what()}: mlp 'moe' needs 0 < n_expert_per_token <= n_expert")
         if self.rope_scaling and self.rope_scaling.get("type") not in ("llama3", "linear"):
             raise UserError(
-                f"config {self.name!r}: rope_scaling type {self.rope_scaling.get('type')!r} "
+                f"{self._what()}: rope_scaling type {self.rope_scaling.get('type')!r} "
                 "is not supported (supported: llama3, linear)"
             )
+
+    def _what(self) -> str:
+        return f"model config {self.name!r}" if self.name else "model config"
 
     @property
     def rope_n_elem(self) -> int:
