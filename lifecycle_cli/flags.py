@@ -147,7 +147,8 @@ class Problem:
             return self.unrecognized(m.group(1).split())
         if m := re.match(r"the following arguments are required: (.*)", text):
             names = [f"--{n.strip()}" for n in m.group(1).split(",")]
-            return f"{self.prog}: {', '.join(names)} is required ({self._help()})"
+            verb = "is" if len(names) == 1 else "are"
+            return f"{self.prog}: {' and '.join(names)} {verb} required ({self._help()})"
         if m := re.match(r"argument (\S+): expected one argument", text):
             flag = m.group(1).split("/")[-1]
             return f"{self.prog}: {flag} needs a value: {describe_type(self.hint(flag[2:]))}"
