@@ -315,7 +315,8 @@ def bad_command_lines(path: tuple[str, ...], tmp: Path) -> list[tuple[str, list[
         cases.append(("bad choice", [f"--{flag}", "not_a_choice"], [f"--{flag}", *allowed]))
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
     if required:
-        cases.append(("missing required", [], [f"--{required[-1]} is required"]))
+        names = " and ".join(f"--{name}" for name in required)
+        cases.append(("missing required", [], [f"{names} {'are' if len(required) > 1 else 'is'}"]))
     return cases
 
 
