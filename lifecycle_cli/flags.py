@@ -311,6 +311,8 @@ def describe_type(hint: Any) -> str:
         return "one of " + ", ".join(str(a) for a in args)
     if origin in (Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]
+            return describe_type(options[0]) + " or null"
         parts = [", ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal
                  else describe_type(a) for a in options]  # fmt: skip
         if len(options) < len(args):

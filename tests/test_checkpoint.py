@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -145,7 +146,10 @@ def test_download_from_dir_then_convert_to_hf_from_the_command_line(tmp_path):
         (["../escape", "--from_dir", "hf"], "repo id '../escape' is not of the form org/name"),
         (["org/m", "--from_dir", "missing"], "missing has no config.json"),
         (["org/m", "--from_dir", "bert"], "model_type 'bert' is not supported (supported: gpt2"),
-        (["org/m", "--from_dir", "hf", "--dtype", "int3"], "--dtype 'int3' is not one of"),
+        (
+            ["org/m", "--from_dir", "hf", "--dtype", "int3"],
+            "--dtype: expected one of float32, float16, bfloat16 or null, got 'int3'",
+        ),
     ],
 )
 def test_download_from_dir_errors_are_one_line_and_write_nothing(args, message, tmp_path):
@@ -156,3 +160,47 @@ def test_download_from_dir_errors_are_one_line_and_write_nothing(args, message, 
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """A checkpoint with a tokenizer, and copies whose model.safetensors is cut in half or whose
+    header is not JSON."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("damaged")
+    make_hf_model("llama", root / "hf", vocab_size=300)
+    train_bpe(None, 300, root / "hf", texts=list(topics.values())[:50])
+    convert_hf_checkpoint(root / "hf", root / "good")
+    data = (root / "good" / "model.safetensors").read_bytes()
+    for name, damage in (("truncated", data[: len(data) // 2]), ("garbled", data[:8] + b"{" * 64)):
+        shutil.copytree(root / "good", root / name)
+        (root / name / "model.safetensors").write_bytes(damage)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbled"])
+def test_a_damaged_weights_file_is_a_user_error_naming_it(kind, damaged):
+    with pytest.raises(UserError, match=rf"{kind}/model\.safetensors cannot be read"):
+        load_model(damaged / kind)
+
+
+@pytest.mark.parametrize(
+    "kind, args",
+    [
+        ("truncated", ["generate", "truncated", "--prompt", "hi", "--max_new_tokens", "2"]),
+        ("garbled", ["generate", "garbled", "--prompt", "hi"]),
+        ("truncated", ["finetune", "truncated", "--data.synthetic", "reverse", "--out_dir", "ft"]),
+        ("truncated", ["convert", "to_hf", "truncated", "--out_dir", "exported"]),
+        ("garbled", ["convert", "to_hf", "garbled", "--out_dir", "exported"]),
+    ],
+)
+def test_verbs_that_load_damaged_weights_say_so_in_one_line(kind, args, damaged, tmp_path):
+    for name in ("truncated", "garbled"):
+        (tmp_path / name).symlink_to(damaged / name)
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.split("\r")[-1]  # after the progress bar's erasures, if any
+    assert last.startswith(f"error: {kind}/model.safetensors "), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbled", "truncated"]  # no output

@@ -80,4 +80,3 @@ class InstructData:
             value = getattr(self, name)
             if isinstance(value, (str, os.PathLike)):
                 setattr(self, name, Path(value))
-
