@@ -13,7 +13,13 @@ import transformers
 from hf_models import make_hf_model
 
 from lifecycle_cli import LLM
-from lifecycle_cli.checkpoint import INDEX_FILE, ShardWriter, load_model, save_checkpoint
+from lifecycle_cli.checkpoint import (
+    INDEX_FILE,
+    ShardWriter,
+    load_model,
+    save_checkpoint,
+    weight_files,
+)
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.model import GPT
 from lifecycle_cli.tokenizer import train_bpe
@@ -104,11 +110,30 @@ def test_multi_shard_hf_folder_converts_into_shards(tmp_path):
         )
 
 
-def test_dtype_option_stores_half_precision(tmp_path):
-    make_hf_model("phi3", tmp_path / "hf")
-    convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16")
-    model = load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
-    assert model.wte.weight.dtype == torch.bfloat16
+def stored_dtypes(folder) -> set[str]:
+    """The dtypes of the tensors as the safetensors files hold them (read by safetensors)."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            dtypes |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    return dtypes
+
+
+def test_dtype_option_stores_that_precision_and_none_keeps_the_source_s(tmp_path):
+    hf = make_hf_model("phi3", tmp_path / "hf32")
+    hf.half().save_pretrained(tmp_path / "hf16")  # a float16 source: float32 is not the default
+    cases = {"bfloat16": "BF16", "float32": "F32", None: "F16"}
+    for dtype, stored in cases.items():
+        convert_hf_checkpoint(tmp_path / "hf16", tmp_path / f"ckpt-{dtype}", dtype=dtype)
+        assert stored_dtypes(tmp_path / f"ckpt-{dtype}") == {stored}, dtype
+    # The values are the source's, cast: loading in float32 gives the float16 weights exactly.
+    model = load_model(tmp_path / "ckpt-None")
+    torch.testing.assert_close(
+        model.wte.weight, hf.model.embed_tokens.weight.float(), atol=0, rtol=0
+    )
+    assert model.wte.weight.dtype == torch.float32
 
 
 def test_folders_that_are_not_checkpoints_are_named(tmp_path):
