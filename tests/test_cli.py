@@ -369,3 +369,40 @@ def test_parse_errors_come_before_any_heavy_import(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["codes"] == [2] * len(lines)
     assert result["heavy"] == []
+
+
+# The README's command lines, as a new user types them (with a tiny budget added).
+
+
+def test_readme_pretrain_then_finetune_with_plain_data_paths(tmp_path):
+    """`llmcycle pretrain pythia-14m --data.path my_texts/ ...` (a folder, not `[my_texts/]`),
+    then `llmcycle finetune CKPT --data.path alpaca.json --method lora --lora.r 16`."""
+    from pydoc_data.topics import topics
+
+    texts = tmp_path / "my_texts"
+    texts.mkdir()
+    for i, doc in enumerate(list(topics.values())[:40]):
+        (texts / f"doc{i}.txt").write_text(doc)
+    small = ["--train.global_batch_size", "2", "--train.micro_batch_size", "2",
+             "--train.max_seq_length", "32", "--eval.max_iters", "1"]  # fmt: skip
+    pretrain = llmcycle(
+        "pretrain", "pythia-14m", "--data.path", "my_texts/", "--out_dir", "out/pythia",
+        "--train.max_steps", "1", "--tokenizer.vocab_size", "300", "--data.cache_dir", "cache",
+        *small, cwd=tmp_path,
+    )  # fmt: skip
+    assert pretrain.returncode == 0, pretrain.stderr
+    final = tmp_path / "out" / "pythia" / "final"
+    assert (final / "model.safetensors").is_file()
+    hparams = (tmp_path / "out" / "pythia" / "hparams.yaml").read_text()
+    assert "my_texts" in hparams and "doc0.txt" not in hparams
+
+    records = [{"instruction": f"Repeat {w}", "input": "", "output": w} for w in "abcdefghij"]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    finetune = llmcycle(
+        "finetune", "out/pythia/final", "--data.path", "alpaca.json", "--method", "lora",
+        "--lora.r", "16", "--out_dir", "out/lora", "--train.max_steps", "1", *small,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert finetune.returncode == 0, finetune.stderr
+    assert (tmp_path / "out" / "lora" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "lora" / "lora.safetensors").is_file()  # the adapters, beside
