@@ -3,7 +3,8 @@
 Each verb is a plain function named by a "module:function" string. Its signature and docstring are
 its flags and help (jsonargparse, LitGPT style: `--config FILE.yaml`, dotted flags such as
 `--train.lr` for dataclass parameters). A verb's module is imported only when that verb runs or its
-help is asked, so `llmcycle --help` and `llmcycle <verb> --help` never import torch.
+help is asked, so `llmcycle --help` and `llmcycle <verb> --help` never import torch. `flags.py`
+builds a verb's parser and turns every parse error into one line.
 """
 
 from __future__ import annotations
