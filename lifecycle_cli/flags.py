@@ -3,9 +3,9 @@ one line.
 
 jsonargparse reports a bad flag as a dump of many lines (the usage, the union subtypes it tried,
 Python class names). Here the parser raises instead of exiting (`exit_on_error=False`), and
-`one_line` turns what it raised into one line naming the flag, or the YAML key and its file, and
-what that flag takes. `--config` files are read first, so a missing or malformed one is named
-before jsonargparse sees it. No torch here: this module builds every verb's `--help`.
+`Problem.describe` turns what it raised into one line naming the flag, or the YAML key and its
+file, and what that flag takes. `--config` files are read first, so a missing or malformed one
+is named before jsonargparse sees it. No torch here: this module builds every verb's `--help`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,8 @@ from typing import Any, Literal, Optional, Union
 from lifecycle_cli.errors import UserError
 
 CONFIG_FLAGS = ("-c", "--config")
-_NOT_FLAGS = {
-    "help",
-    "config",
-    "print_config",
-    "print_shtab",
-}  # parser entries that take no YAML key
+# Parser entries that are not parameters of the verb.
+_NOT_FLAGS = {"help", "config", "print_config", "print_shtab"}
 _NESTED = "_ActionConfigLoad"  # jsonargparse's action for a dataclass parameter's group
 
 
@@ -74,17 +70,17 @@ def parse_flags(
 ) -> dict[str, Any]:
     """The keyword arguments for `fn` given by the command line `args` (bare leading values
     included); anything wrong with them is a UserError of one line."""
-    args = values_to_flags(leading_parameters(fn), list(args))
+    leading = leading_parameters(fn)
+    args = values_to_flags(leading, list(args))
     parser = build_parser(prog, fn, help)
-    configs = read_configs(prog, args)
-    problem = Problem(parser, prog, args, configs, leading_parameters(fn))
+    problem = Problem(parser, prog, args, read_configs(prog, args), leading)
     try:
         cfg = parser.parse_args(args)
     except argparse.ArgumentError as err:
         raise UserError(problem.describe(str(err))) from None
     for action in parser._actions:
         if type(action).__name__ == _NESTED and not _is_namespace(cfg.get(action.dest)):
-            raise UserError(problem.not_a_mapping(action.dest, cfg.get(action.dest)))
+            raise UserError(problem.not_a_mapping(action.dest))
     try:
         cfg = parser.instantiate(cfg)  # dataclass parameters become instances
     except (TypeError, ValueError) as err:  # a dataclass's own check failed, wrapped
@@ -187,7 +183,7 @@ class Problem:
 
     def bad_value(self, key: str, text: str) -> str:
         if key in self._groups():
-            return self.not_a_mapping(key, None)
+            return self.not_a_mapping(key)
         reasons = [r for r in _reasons(text) if not r.startswith(("Expected a", "Not of type"))]
         if reasons:  # the value's own check failed (a dataclass __post_init__): say its words
             return f"{self.prog}: {self.label(key)}: {reasons[0]}"
@@ -196,7 +192,7 @@ class Problem:
             f"{self.prog}: {self.label(key)}: expected {describe_type(self.hint(key))}, got {value}"
         )
 
-    def not_a_mapping(self, group: str, value: Any) -> str:
+    def not_a_mapping(self, group: str) -> str:
         return (
             f"{self.prog}: {self.label(group)}: expected a mapping of its fields "
             f"({', '.join(self.fields(group))}), got {self.value(group)}"
