@@ -55,13 +55,12 @@ def wait_for_idle(max_wait: float = IDLE_WAIT_S, busy_limit: float = 0.15) -> bo
 
 
 def configs():
-    from lifecycle_cli.config import Config
     from lifecycle_cli.zoo import named_config
 
-    yield Config.from_name("pythia-14m")
+    yield named_config("pythia-14m")
     # ~103M parameters: 8 layers of width 640 and the 2 x 32M-parameter embedding and head.
     shape = dict(n_layer=8, n_embd=640, n_head=10, intermediate_size=2560)
-    yield Config.from_dict({**named_config("pythia-14m"), "name": "pythia-100m-shaped", **shape})
+    yield named_config("pythia-14m", name="pythia-100m-shaped", **shape)
 
 
 def ours(model, prompt: list[int], n: int, compile: bool = False, repeats: int = REPEATS):

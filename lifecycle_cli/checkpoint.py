@@ -102,21 +102,36 @@ class ShardWriter:
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a folder, in index order when sharded; [] if none."""
     if (folder / INDEX_FILE).is_file():
-        index = json.loads((folder / INDEX_FILE).read_text())
-        return [folder / name for name in dict.fromkeys(index["weight_map"].values())]
+        try:
+            weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(
+                f"{folder / INDEX_FILE} is damaged: expected JSON with a weight_map of tensor "
+                "names to shard files"
+            ) from None
+        return [folder / name for name in names]
     if (folder / WEIGHTS_FILE).is_file():
         return [folder / WEIGHTS_FILE]
     return sorted(folder.glob("*.safetensors"))
 
 
 def iter_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from safetensors files, one tensor in memory at a time."""
-    from safetensors import safe_open
+    """(name, tensor) from safetensors files, one tensor in memory at a time. A missing,
+    truncated or corrupt file is a UserError naming it."""
+    from safetensors import SafetensorError, safe_open
 
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            why = getattr(e, "strerror", None) or " ".join(str(e).split())
+            raise UserError(
+                f"{path} cannot be read as safetensors ({why}): the file is truncated or "
+                "corrupt; download, convert or save it again"
+            ) from None
 
 
 def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:

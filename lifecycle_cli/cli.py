@@ -3,13 +3,13 @@
 Each verb is a plain function named by a "module:function" string. Its signature and docstring are
 its flags and help (jsonargparse, LitGPT style: `--config FILE.yaml`, dotted flags such as
 `--train.lr` for dataclass parameters). A verb's module is imported only when that verb runs or its
-help is asked, so `llmcycle --help` and `llmcycle <verb> --help` never import torch.
+help is asked, so `llmcycle --help` and `llmcycle <verb> --help` never import torch. `flags.py`
+builds a verb's parser and turns every parse error into one line.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -112,49 +112,10 @@ def dispatch(args: list[str], table: dict[str, Verb], prefix: str = PROG) -> int
 
 def run_function(prog: str, fn: Callable[..., object], args: list[str], help: str = "") -> int:
     """Parse `args` against `fn`'s signature (plus `--config`) and call it."""
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+    from lifecycle_cli.flags import parse_flags
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    leading = _leading_parameters(fn)
-    shorthand = " ".join(f"[{name.upper()}]" for name in leading)
-    description = f"{help}\n\nShorthand: `{prog} {shorthand} ...` sets --{', --'.join(leading)}."
-    parser = ArgumentParser(
-        prog=prog, description=description, formatter_class=_help_formatter(), exit_on_error=True
-    )
-    parser.add_argument(
-        "-c", "--config", action=ActionConfigFile, help="A YAML file with values for these flags."
-    )
-    parser.add_function_arguments(fn, as_group=False)
-    cfg = parser.parse_args(_values_to_flags(leading, args))
-    cfg = parser.instantiate(cfg)  # dataclass parameters become instances
-    fn(**{key: value for key, value in vars(cfg).items() if key != "config"})
+    fn(**parse_flags(prog, fn, args, help))
     return 0
-
-
-def _leading_parameters(fn: Callable[..., object]) -> list[str]:
-    """The parameters a bare value may set: the first one, and any up to the last required one."""
-    params = list(inspect.signature(fn).parameters.values())
-    required = [i for i, p in enumerate(params) if p.default is inspect.Parameter.empty]
-    return [p.name for p in params[: max(required, default=0) + 1]]
-
-
-def _values_to_flags(names: list[str], args: list[str]) -> list[str]:
-    """`ckpt --out_dir d` -> `--checkpoint_dir ckpt --out_dir d`: values before the first flag
-    fill `names` in order, LitGPT style. Anything else is left for the parser to judge."""
-    flags: list[str] = []
-    while args and names and not args[0].startswith("-"):
-        flags += [f"--{names[0]}", args[0]]
-        names, args = names[1:], args[1:]
-    return flags + args
-
-
-def _help_formatter() -> type:
-    """jsonargparse's help layout, but keeping the description's line breaks."""
-    from argparse import RawDescriptionHelpFormatter
-
-    from jsonargparse import DefaultHelpFormatter
-
-    return type("HelpFormatter", (DefaultHelpFormatter, RawDescriptionHelpFormatter), {})
 
 
 def _resolve(target: str) -> Callable[..., object]:

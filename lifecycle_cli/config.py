@@ -1,7 +1,8 @@
 """`Config`: one dataclass that describes every supported architecture.
 
-A model family is a set of values for these fields (see `zoo/`); `model.GPT` reads them and
-nothing else. No torch here: the CLI imports this module to build its help.
+A model family is a set of values for these fields (see `zoo/`, which builds on this module and
+holds the named configurations: `zoo.named_config`); `model.GPT` reads them and nothing else.
+No torch here: the CLI imports this module to build its help.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Config:
         if self.head_size is None:
             if self.n_embd % self.n_head:
                 raise UserError(
-                    f"config {self.name!r}: n_embd={self.n_embd} is not divisible by "
+                    f"{self._what()}: n_embd={self.n_embd} is not divisible by "
                     f"n_head={self.n_head}; set head_size"
                 )
             self.head_size = self.n_embd // self.n_head
@@ -83,18 +84,19 @@ class Config:
             self.attn_bias = self.bias
         if self.n_head % self.n_query_groups:
             raise UserError(
-                f"config {self.name!r}: n_head={self.n_head} is not a multiple of "
+                f"{self._what()}: n_head={self.n_head} is not a multiple of "
                 f"n_query_groups={self.n_query_groups}"
             )
         if self.mlp == "moe" and not 0 < self.n_expert_per_token <= self.n_expert:
-            raise UserError(
-                f"config {self.name!r}: mlp 'moe' needs 0 < n_expert_per_token <= n_expert"
-            )
+            raise UserError(f"{self._what()}: mlp 'moe' needs 0 < n_expert_per_token <= n_expert")
         if self.rope_scaling and self.rope_scaling.get("type") not in ("llama3", "linear"):
             raise UserError(
-                f"config {self.name!r}: rope_scaling type {self.rope_scaling.get('type')!r} "
+                f"{self._what()}: rope_scaling type {self.rope_scaling.get('type')!r} "
                 "is not supported (supported: llama3, linear)"
             )
+
+    def _what(self) -> str:
+        return f"model config {self.name!r}" if self.name else "model config"
 
     @property
     def rope_n_elem(self) -> int:
@@ -130,13 +132,6 @@ class Config:
         if not isinstance(values, dict):
             raise UserError(f"{path}: expected a mapping of config fields")
         return cls.from_dict(values, source=str(path))
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> Config:
-        """A named configuration from the zoo (`llmcycle download list` shows them)."""
-        from lifecycle_cli.zoo import named_config
-
-        return cls.from_dict({**named_config(name), **overrides}, source=f"model {name!r}")
 
     def save(self, path: Path | str) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -3,9 +3,11 @@
 It serves folders on disk as model repos through the routes `snapshot_download` and
 `hf_hub_download` call: model info (`/api/models/{repo}[/revision/{rev}]`), the tree listing
 (`/api/models/{repo}/tree/{rev}`), and `HEAD`/`GET /{repo}/resolve/{rev}/{path}` with `ETag`,
-`X-Repo-Commit`, `Content-Length` and byte ranges. Unknown repos answer 404 with
-`X-Error-Code: RepoNotFound`; a gated repo's files answer 401 (`X-Error-Code: GatedRepo`)
-unless the request carries `Authorization: Bearer <its token>`.
+`X-Repo-Commit`, `Content-Length` and byte ranges. A repo may hold several revisions (branches
+or tags, each its own folder and commit sha; "main" is the default), asked for by name or sha.
+Unknown repos answer 404 with `X-Error-Code: RepoNotFound`, unknown revisions with
+`RevisionNotFound`; a gated repo's files answer 401 (`X-Error-Code: GatedRepo`) unless the request
+carries `Authorization: Bearer <its token>`.
 
     with FakeHub() as hub:
         hub.add_repo("org/tiny", folder)
@@ -54,21 +56,25 @@ class Breakage:
 
 @dataclass
 class FakeHub:
-    repos: dict[str, Repo] = field(default_factory=dict)
+    repos: dict[str, dict[str, Repo]] = field(default_factory=dict)  # id -> revision -> Repo
     requests: list[Request] = field(default_factory=list)
     breakages: list[Breakage] = field(default_factory=list)
 
-    def add_repo(self, repo_id: str, folder: Path, token: Optional[str] = None) -> str:
-        """Serve every file under `folder` as `repo_id`; with `token`, the repo is gated.
-        Returns the commit sha it is served at."""
-        files, commit = {}, hashlib.sha1(repo_id.encode())
+    def add_repo(
+        self, repo_id: str, folder: Path, token: Optional[str] = None, revision: str = "main"
+    ) -> str:
+        """Serve every file under `folder` as `revision` of `repo_id`; with `token`, the repo is
+        gated. Returns the commit sha it is served at."""
+        files, commit = {}, hashlib.sha1(f"{repo_id}@{revision}".encode())
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             data = path.read_bytes()
             name = path.relative_to(folder).as_posix()
             blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
             files[name] = (len(data), blob, hashlib.sha256(data).hexdigest())
             commit.update(name.encode() + blob.encode())
-        self.repos[repo_id] = Repo(Path(folder), commit.hexdigest(), files, token)
+        self.repos.setdefault(repo_id, {})[revision] = Repo(
+            Path(folder), commit.hexdigest(), files, token
+        )
         return commit.hexdigest()
 
     def break_file(self, path: str, after_bytes: int) -> None:
@@ -135,23 +141,24 @@ class _Handler(BaseHTTPRequestHandler):
             repo_id, rest = self._split_repo(path[len("/api/models/") :])
             if repo_id is None:
                 return self._repo_not_found()
-            repo = self.fake.repos[repo_id]
             if m := re.fullmatch(r"(?:/revision/([^/]+))?", rest):
-                if not self._check_revision(repo, m.group(1) or "main"):
+                repo = self._at(repo_id, m.group(1) or "main")
+                if repo is None:
                     return None
                 return self._json(self._info(repo_id, repo), body)
             if m := re.fullmatch(r"/tree/([^/]+)(/.*)?", rest):
-                if not self._check_revision(repo, m.group(1)):
+                repo = self._at(repo_id, m.group(1))
+                if repo is None:
                     return None
                 return self._json(self._tree(repo, (m.group(2) or "").strip("/")), body)
             return self._error(404, "EntryNotFound", f"no route {path}")
         if "/resolve/" in path:
             repo_part, _, rest = path.lstrip("/").partition("/resolve/")
-            repo = self.fake.repos.get(repo_part)
-            if repo is None:
+            if repo_part not in self.fake.repos:
                 return self._repo_not_found()
             revision, _, file = rest.partition("/")
-            if not self._check_revision(repo, revision):
+            repo = self._at(repo_part, revision)
+            if repo is None:
                 return None
             if repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}":
                 return self._error(
@@ -172,11 +179,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return repo_id, rest[len(repo_id) :]
         return None, ""
 
-    def _check_revision(self, repo: Repo, revision: str) -> bool:
-        if revision in ("main", repo.sha):
-            return True
+    def _at(self, repo_id: str, revision: str) -> Optional[Repo]:
+        """`revision` (a name or a commit sha) of `repo_id`; None after answering 404."""
+        for name, repo in self.fake.repos[repo_id].items():
+            if revision in (name, repo.sha):
+                return repo
         self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        return False
+        return None
 
     # --- answers
 

@@ -20,6 +20,16 @@ COMMON = dict(
 )
 
 
+# Sized so that every feature moves the logits far beyond the parity tolerance (1e-4): weights
+# perturbed by 0.2 (not 0.05) give attention scores and logits of a few units, so Gemma 2's caps
+# of 2.0 bind (removing or doubling either cap moves the logits by > 0.6; with 0.05 and caps
+# 5.0/3.0, doubling the attention cap moved them by 8e-5 and passed), and a query scale of
+# 12**-0.5 differs from head_dim 16's default. The weakest feature left, tanh-approximated GELU,
+# still moves them by 7e-4.
+NOISE = 0.2
+ATTN_CAP, FINAL_CAP, QUERY_PRE_ATTN_SCALAR = 2.0, 2.0, 12
+
+
 def hf_config(family: str):
     import transformers as T
 
@@ -54,8 +64,8 @@ def hf_config(family: str):
         return T.Qwen3Config(**COMMON, head_dim=16)
     if family == "gemma2":
         return T.Gemma2Config(
-            **COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
-            attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+            **COMMON, head_dim=16, query_pre_attn_scalar=QUERY_PRE_ATTN_SCALAR, sliding_window=5,
+            attn_logit_softcapping=ATTN_CAP, final_logit_softcapping=FINAL_CAP,
         )  # fmt: skip
     if family == "gemma":
         return T.GemmaConfig(**COMMON, head_dim=8)
@@ -78,10 +88,11 @@ def make_hf_model(family: str, out_dir: Path, seed: int = 0, vocab_size: int = 9
     config = hf_config(family)
     config.vocab_size = vocab_size
     model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random init leaves norms at 1 and biases at 0; perturb everything so a wrong mapping shows.
+    # Random init leaves norms at 1 and biases at 0; perturb everything so a wrong mapping shows
+    # (and by NOISE, so that every feature shows).
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn_like(p) * NOISE)
     model.eval()
     model.save_pretrained(out_dir, **save_kwargs)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,11 +13,17 @@ import transformers
 from hf_models import make_hf_model
 
 from lifecycle_cli import LLM
-from lifecycle_cli.checkpoint import INDEX_FILE, ShardWriter, load_model, save_checkpoint
-from lifecycle_cli.config import Config
+from lifecycle_cli.checkpoint import (
+    INDEX_FILE,
+    ShardWriter,
+    load_model,
+    save_checkpoint,
+    weight_files,
+)
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.model import GPT
 from lifecycle_cli.tokenizer import train_bpe
+from lifecycle_cli.zoo import named_config
 from lifecycle_cli.zoo.convert import convert_hf_checkpoint
 
 
@@ -31,7 +38,7 @@ def tiny(name: str = "gpt2", **overrides) -> GPT:
         block_size=32,
         intermediate_size=64,
     )
-    return GPT(Config.from_name(name, **{**fields, **overrides}))
+    return GPT(named_config(name, **{**fields, **overrides}))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "SmolLM2-135M", "Mixtral-8x7B-v0.1"])
@@ -103,11 +110,30 @@ def test_multi_shard_hf_folder_converts_into_shards(tmp_path):
         )
 
 
-def test_dtype_option_stores_half_precision(tmp_path):
-    make_hf_model("phi3", tmp_path / "hf")
-    convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16")
-    model = load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
-    assert model.wte.weight.dtype == torch.bfloat16
+def stored_dtypes(folder) -> set[str]:
+    """The dtypes of the tensors as the safetensors files hold them (read by safetensors)."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            dtypes |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    return dtypes
+
+
+def test_dtype_option_stores_that_precision_and_none_keeps_the_source_s(tmp_path):
+    hf = make_hf_model("phi3", tmp_path / "hf32")
+    hf.half().save_pretrained(tmp_path / "hf16")  # a float16 source: float32 is not the default
+    cases = {"bfloat16": "BF16", "float32": "F32", None: "F16"}
+    for dtype, stored in cases.items():
+        convert_hf_checkpoint(tmp_path / "hf16", tmp_path / f"ckpt-{dtype}", dtype=dtype)
+        assert stored_dtypes(tmp_path / f"ckpt-{dtype}") == {stored}, dtype
+    # The values are the source's, cast: loading in float32 gives the float16 weights exactly.
+    model = load_model(tmp_path / "ckpt-None")
+    torch.testing.assert_close(
+        model.wte.weight, hf.model.embed_tokens.weight.float(), atol=0, rtol=0
+    )
+    assert model.wte.weight.dtype == torch.float32
 
 
 def test_folders_that_are_not_checkpoints_are_named(tmp_path):
@@ -145,7 +171,10 @@ def test_download_from_dir_then_convert_to_hf_from_the_command_line(tmp_path):
         (["../escape", "--from_dir", "hf"], "repo id '../escape' is not of the form org/name"),
         (["org/m", "--from_dir", "missing"], "missing has no config.json"),
         (["org/m", "--from_dir", "bert"], "model_type 'bert' is not supported (supported: gpt2"),
-        (["org/m", "--from_dir", "hf", "--dtype", "int3"], "--dtype 'int3' is not one of"),
+        (
+            ["org/m", "--from_dir", "hf", "--dtype", "int3"],
+            "--dtype: expected one of float32, float16, bfloat16 or null, got 'int3'",
+        ),
     ],
 )
 def test_download_from_dir_errors_are_one_line_and_write_nothing(args, message, tmp_path):
@@ -156,3 +185,47 @@ def test_download_from_dir_errors_are_one_line_and_write_nothing(args, message, 
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """A checkpoint with a tokenizer, and copies whose model.safetensors is cut in half or whose
+    header is not JSON."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("damaged")
+    make_hf_model("llama", root / "hf", vocab_size=300)
+    train_bpe(None, 300, root / "hf", texts=list(topics.values())[:50])
+    convert_hf_checkpoint(root / "hf", root / "good")
+    data = (root / "good" / "model.safetensors").read_bytes()
+    for name, damage in (("truncated", data[: len(data) // 2]), ("garbled", data[:8] + b"{" * 64)):
+        shutil.copytree(root / "good", root / name)
+        (root / name / "model.safetensors").write_bytes(damage)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbled"])
+def test_a_damaged_weights_file_is_a_user_error_naming_it(kind, damaged):
+    with pytest.raises(UserError, match=rf"{kind}/model\.safetensors cannot be read"):
+        load_model(damaged / kind)
+
+
+@pytest.mark.parametrize(
+    "kind, args",
+    [
+        ("truncated", ["generate", "truncated", "--prompt", "hi", "--max_new_tokens", "2"]),
+        ("garbled", ["generate", "garbled", "--prompt", "hi"]),
+        ("truncated", ["finetune", "truncated", "--data.synthetic", "reverse", "--out_dir", "ft"]),
+        ("truncated", ["convert", "to_hf", "truncated", "--out_dir", "exported"]),
+        ("garbled", ["convert", "to_hf", "garbled", "--out_dir", "exported"]),
+    ],
+)
+def test_verbs_that_load_damaged_weights_say_so_in_one_line(kind, args, damaged, tmp_path):
+    for name in ("truncated", "garbled"):
+        (tmp_path / name).symlink_to(damaged / name)
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.split("\r")[-1]  # after the progress bar's erasures, if any
+    assert last.startswith(f"error: {kind}/model.safetensors "), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbled", "truncated"]  # no output

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import subprocess
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,10 +192,10 @@ def test_config_file_then_flags(fake_table, tmp_path):
 def test_config_with_unknown_nested_key_exits_2(fake_table, tmp_path, capsys):
     config = tmp_path / "fake.yaml"
     config.write_text("checkpoint_dir: ckpt\ntrain:\n  lr: 0.5\n  no_such_key: 3\n")
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["fake", "--config", str(config)])
-    assert exc.value.code == 2
-    assert "no_such_key" in capsys.readouterr().err
+    assert cli.main(["fake", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: llmcycle fake: unknown key train.no_such_key in {config}; train takes: lr, steps\n"
+    )
     assert CALLS == []
 
 
@@ -205,3 +209,200 @@ def test_user_error_is_one_line_exit_2(fake_table, capsys):
 def test_keyboard_interrupt_exits_130(fake_table, capsys):
     assert cli.main(["fake", "interrupt"]) == 130
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# Every kind of bad command line, on every verb: one line naming the flag (or the YAML key and
+# its file) and what it takes, exit code 2. Built from each verb's own signature, so a verb that
+# gains or loses flags is still covered.
+
+
+def verb_paths() -> list[tuple[str, ...]]:
+    paths = []
+    for name, verb in cli.VERBS.items():
+        if verb.target:
+            paths.append((name,))
+        paths += [(name, sub) for sub, v in verb.subverbs.items() if v.target]
+    return paths
+
+
+def verb_function(path: tuple[str, ...]):
+    verb = cli.VERBS[path[0]]
+    for sub in path[1:]:
+        verb = verb.subverbs[sub]
+    return cli._resolve(verb.target)
+
+
+def parameter_types(path: tuple[str, ...]) -> dict[str, object]:
+    fn = verb_function(path)
+    hints = typing.get_type_hints(fn)
+    return {name: hints[name] for name in inspect.signature(fn).parameters}
+
+
+def options(hint) -> tuple:
+    """The types a hint allows (Optional[X] and unions unpacked)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(hint) if a is not type(None))
+    return (hint,)
+
+
+def choices(hint) -> list[str] | None:
+    """The values a Literal (or bool) flag takes, as they are written."""
+    (only,) = options(hint) if len(options(hint)) == 1 else (None,)
+    if only is bool:
+        return ["true", "false"]
+    if typing.get_origin(only) is typing.Literal:
+        return [str(a) for a in typing.get_args(only)]
+    return None
+
+
+def first(types_: dict[str, object], wanted) -> str | None:
+    return next((name for name, hint in types_.items() if wanted(hint)), None)
+
+
+def numeric(hint) -> bool:
+    return options(hint)[0] in (int, float) and all(o in (int, float) for o in options(hint))
+
+
+def scalar(hint) -> bool:  # a value a YAML list is not
+    return numeric(hint) or any(isinstance(o, type) and issubclass(o, Path) for o in options(hint))
+
+
+def bad_command_lines(path: tuple[str, ...], tmp: Path) -> list[tuple[str, list[str], list[str]]]:
+    """(kind, arguments, what the one line must say) for each kind of mistake this verb can
+    receive."""
+    hints = parameter_types(path)
+    params = inspect.signature(verb_function(path)).parameters
+    cases = [
+        ("unknown flag", ["--no_such_flag", "1"], ["unknown flag --no_such_flag", "--help"]),
+    ]
+    missing = tmp / "missing.yaml"
+    cases.append(("missing config", ["--config", str(missing)], [f"{missing}: no such file"]))
+    malformed = tmp / "malformed.yaml"
+    malformed.write_text("out_dir: [1,\n")
+    cases.append(
+        (
+            "malformed config",
+            ["--config", str(malformed)],
+            [str(malformed), "not valid YAML", "line"],
+        )
+    )
+    unknown = tmp / "unknown.yaml"
+    unknown.write_text("no_such_key: 1\n")
+    some = [name for name in hints][:3]
+    cases.append(
+        (
+            "unknown key",
+            ["--config", str(unknown)],
+            [f"unknown key no_such_key in {unknown}", *some],
+        )
+    )
+    group = first(hints, dataclasses.is_dataclass)
+    if group is not None:
+        nested = tmp / "nested.yaml"
+        nested.write_text(f"{group}:\n  no_such_key: 1\n")
+        fields = [f.name for f in dataclasses.fields(hints[group])]
+        expected = [f"unknown key {group}.no_such_key in {nested}", f"{group} takes", *fields]
+        cases.append(("unknown nested key", ["--config", str(nested)], expected))
+    if (flag := first(hints, numeric)) is not None:
+        words = "an integer" if options(hints[flag])[0] is int else "a number"
+        cases.append(("wrong type", [f"--{flag}", "abc"], [f"--{flag}: expected {words}", "'abc'"]))
+    if (key := first(hints, scalar)) is not None:
+        typed = tmp / "typed.yaml"
+        typed.write_text(f"{key}: [1, 2]\n")
+        cases.append(("wrong type in config", ["--config", str(typed)], [f"{key} in {typed}"]))
+    if (flag := first(hints, choices)) is not None:
+        allowed = choices(hints[flag])
+        cases.append(("bad choice", [f"--{flag}", "not_a_choice"], [f"--{flag}", *allowed]))
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    if required:
+        names = " and ".join(f"--{name}" for name in required)
+        cases.append(("missing required", [], [f"{names} {'are' if len(required) > 1 else 'is'}"]))
+    return cases
+
+
+def test_every_verb_meets_every_kind_of_mistake_it_can_receive(tmp_path):
+    kinds: dict[str, int] = {}
+    for path in verb_paths():
+        for kind, _, _ in bad_command_lines(path, tmp_path):
+            kinds[kind] = kinds.get(kind, 0) + 1
+    n = len(verb_paths())
+    assert n >= 7  # download, pretrain, finetune, generate, chat, serve, convert to_hf
+    for kind in ("unknown flag", "missing config", "malformed config", "unknown key",
+                 "wrong type in config"):  # fmt: skip
+        assert kinds[kind] == n, kind
+    # Flags of a number type: all but download and convert; of a few choices: all but serve and
+    # convert (whose flags are paths and free text).
+    assert kinds["wrong type"] >= n - 2 and kinds["bad choice"] >= n - 2
+
+
+@pytest.mark.parametrize("path", verb_paths(), ids=" ".join)
+def test_bad_command_lines_are_one_line_naming_the_flag_and_what_it_takes(path, tmp_path, capsys):
+    for kind, args, expected in bad_command_lines(path, tmp_path):
+        code = cli.main([*path, *args])
+        err = capsys.readouterr().err
+        assert code == 2, (kind, err)
+        assert err.startswith(f"error: llmcycle {' '.join(path)}: "), (kind, err)
+        assert err.count("\n") == 1 and err.endswith("\n"), (kind, err)
+        for words in expected:
+            assert words in err, (kind, words, err)
+
+
+def test_parse_errors_come_before_any_heavy_import(tmp_path):
+    """All the mistakes above, in one fresh interpreter: each exits 2 without importing torch."""
+    lines = [
+        [*path, *args] for path in verb_paths() for _, args, _ in bad_command_lines(path, tmp_path)
+    ]
+    script = (
+        "import io, json, sys, contextlib\n"
+        "from lifecycle_cli.cli import main\n"
+        "codes = []\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    with contextlib.redirect_stderr(io.StringIO()):\n"
+        "        codes.append(main(argv))\n"
+        "heavy = {'torch', 'lightning', 'transformers'} & {m.split('.')[0] for m in sys.modules}\n"
+        "print(json.dumps({'codes': codes, 'heavy': sorted(heavy)}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(lines)], cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["codes"] == [2] * len(lines)
+    assert result["heavy"] == []
+
+
+# The README's command lines, as a new user types them (with a tiny budget added).
+
+
+def test_readme_pretrain_then_finetune_with_plain_data_paths(tmp_path):
+    """`llmcycle pretrain pythia-14m --data.path my_texts/ ...` (a folder, not `[my_texts/]`),
+    then `llmcycle finetune CKPT --data.path alpaca.json --method lora --lora.r 16`."""
+    from pydoc_data.topics import topics
+
+    texts = tmp_path / "my_texts"
+    texts.mkdir()
+    for i, doc in enumerate(list(topics.values())[:40]):
+        (texts / f"doc{i}.txt").write_text(doc)
+    small = ["--train.global_batch_size", "2", "--train.micro_batch_size", "2",
+             "--train.max_seq_length", "32", "--eval.max_iters", "1"]  # fmt: skip
+    pretrain = llmcycle(
+        "pretrain", "pythia-14m", "--data.path", "my_texts/", "--out_dir", "out/pythia",
+        "--train.max_steps", "1", "--tokenizer.vocab_size", "300", "--data.cache_dir", "cache",
+        *small, cwd=tmp_path,
+    )  # fmt: skip
+    assert pretrain.returncode == 0, pretrain.stderr
+    final = tmp_path / "out" / "pythia" / "final"
+    assert (final / "model.safetensors").is_file()
+    hparams = (tmp_path / "out" / "pythia" / "hparams.yaml").read_text()
+    assert "my_texts" in hparams and "doc0.txt" not in hparams
+
+    records = [{"instruction": f"Repeat {w}", "input": "", "output": w} for w in "abcdefghij"]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    finetune = llmcycle(
+        "finetune", "out/pythia/final", "--data.path", "alpaca.json", "--method", "lora",
+        "--lora.r", "16", "--out_dir", "out/lora", "--train.max_steps", "1", *small,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert finetune.returncode == 0, finetune.stderr
+    assert (tmp_path / "out" / "lora" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "lora" / "lora.safetensors").is_file()  # the adapters, beside

@@ -89,8 +89,8 @@ def hf_folder(family: str, out: Path, tokenizer_dir: Path, **save_kwargs):
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory, tokenizer_dir):
-    """A fake Hub serving org/tiny (a sharded Llama plus decoy files), the same model gated as
-    org/gated, and org/bert (a model_type we do not support)."""
+    """A fake Hub serving org/tiny (a sharded Llama plus decoy files; its tag v2 another Llama),
+    the same model gated as org/gated, and org/bert (a model_type we do not support)."""
     root = tmp_path_factory.mktemp("hub")
     model = hf_folder("llama", root / "tiny", tokenizer_dir, max_shard_size="60KB")
     for name, data in DECOYS.items():
@@ -103,6 +103,9 @@ def hub(tmp_path_factory, tokenizer_dir):
         fake.add_repo("org/tiny", root / "tiny")
         fake.add_repo("org/gated", root / "tiny", token=TOKEN)
         fake.add_repo("org/bert", root / "bert")
+        # A tag holding other weights (another seed), in one file: what --revision v2 must get.
+        fake.v2_model = hf_folder("llama", root / "tiny-v2", tokenizer_dir, seed=1)
+        fake.v2_sha = fake.add_repo("org/tiny", root / "tiny-v2", revision="v2")
         fake.model = model
         fake.shards = sorted(p.name for p in (root / "tiny").glob("model-*.safetensors"))
         yield fake
@@ -246,6 +249,42 @@ def test_a_complete_earlier_download_is_used_when_the_hub_is_unreachable(hub, tm
     assert cached_snapshot("org/tiny", cache_dir=cache) is None
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub .* --from_dir PATH"):
         fetch("org/tiny", endpoint=closed_port_url(), cache_dir=cache)
+
+
+@pytest.mark.parametrize("revision", ["v2", "sha"])
+def test_download_of_a_revision_gives_that_revision(revision, hub, tmp_path):
+    revision = hub.v2_sha if revision == "sha" else revision
+    hub.requests.clear()
+    proc = llmcycle("download", "org/tiny", "--revision", revision, cwd=tmp_path, endpoint=hub.url)
+    assert proc.returncode == 0, proc.stderr
+    assert_logits_equal(tmp_path / "checkpoints" / "org" / "tiny", hub.v2_model)
+    asked = {r.path.split("/resolve/")[1].split("/")[0] for r in hub.gets()}
+    assert asked and asked <= {revision, hub.v2_sha}  # never main's files
+    assert fetched(hub, "org/tiny") == {
+        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja", "model.safetensors",
+    }  # fmt: skip
+
+
+def test_hf_hub_offline_uses_a_complete_earlier_download_without_a_request(hub, tmp_path):
+    for revision in (None, "v2"):  # earlier downloads into the cache the command line uses
+        fetch("org/tiny", revision, endpoint=hub.url, cache_dir=tmp_path / "hf_home" / "hub")
+    hub.requests.clear()
+    for revision, model in (([], hub.model), (["--revision", "v2"], hub.v2_model)):
+        proc = llmcycle(
+            "download", "org/tiny", *revision, "--checkpoint_dir", "offline", cwd=tmp_path,
+            endpoint=hub.url, HF_HUB_OFFLINE="1",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "HF_HUB_OFFLINE is set; using the earlier download in" in proc.stderr
+        assert_logits_equal(tmp_path / "offline" / "org" / "tiny", model)
+    assert hub.requests == []
+
+    # Nothing in the cache: one line saying so, and still no request.
+    proc = llmcycle("download", "org/gated", cwd=tmp_path, endpoint=hub.url, HF_HUB_OFFLINE="1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: HF_HUB_OFFLINE is set and the Hugging Face cache holds")
+    assert hub.requests == [] and nothing_under(tmp_path / "checkpoints")
 
 
 def test_bin_weights_only_when_a_repo_has_no_safetensors(tmp_path, tokenizer_dir):

@@ -26,6 +26,7 @@ from lifecycle_cli.lora import (
 )
 from lifecycle_cli.model import GPT
 from lifecycle_cli.objectives import next_token_loss
+from lifecycle_cli.zoo import named_config
 
 FAMILIES = {  # name: what it exercises
     "SmolLM2-135M": {},  # grouped-query attention, tied head
@@ -38,7 +39,7 @@ FAMILIES = {  # name: what it exercises
 def tiny(name: str, **overrides) -> Config:
     sizes = dict(n_layer=2, n_embd=32, n_head=4, n_query_groups=2, vocab_size=64, block_size=32,
                  intermediate_size=64)  # fmt: skip
-    return Config.from_name(name, **sizes | FAMILIES[name] | overrides)
+    return named_config(name, **sizes | FAMILIES[name] | overrides)
 
 
 def model_for(config: Config, seed: int = 0) -> GPT:

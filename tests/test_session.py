@@ -11,11 +11,11 @@ import torch.nn as nn
 
 from lifecycle_cli.commands.finetune import finetune
 from lifecycle_cli.commands.pretrain import pretrain
-from lifecycle_cli.config import Config
 from lifecycle_cli.model import GPT, RMSNorm
 from lifecycle_cli.train.args import RUN_FLAGS, EvalArgs, TrainArgs
 from lifecycle_cli.train.fabric import make_optimizer
 from lifecycle_cli.train.logs import read_metrics
+from lifecycle_cli.zoo import named_config
 
 VERBS = [pretrain, finetune]
 
@@ -41,7 +41,7 @@ def test_every_training_verb_has_the_run_flags_with_the_same_help():
 def test_no_weight_decay_on_norms_biases_and_embeddings():
     """With zero gradients AdamW's step is its decoupled decay alone: decayed weights shrink by
     (1 - lr * weight_decay), the others stay as they were."""
-    config = Config.from_name(
+    config = named_config(
         "gpt2", n_layer=1, n_embd=32, n_head=4, vocab_size=64, block_size=16,
         intermediate_size=64, tie_embeddings=False,
     )  # fmt: skip

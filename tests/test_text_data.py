@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lifecycle_cli.data import text
+from lifecycle_cli.data import readers, shards
 from lifecycle_cli.data.text import (
     TextData,
     bundled_corpus,
@@ -97,8 +97,8 @@ def test_long_txt_cut_into_parts_and_passages_keeps_the_tokens(tmp_path, tok, mo
     # those of the whole file (blank lines, trailing spaces, indentation and non-ASCII at cuts).
     long = "\n\n".join(TOPICS[:12]) + "\nCafé “naïve” 中文 ok \n\nend\n"
     (tmp_path / "long.txt").write_text(long, encoding="utf-8")
-    monkeypatch.setattr(text, "_PART_BYTES", 3000)
-    monkeypatch.setattr(text, "_PASSAGE_CHARS", 700)
+    monkeypatch.setattr(readers, "PART_BYTES", 3000)
+    monkeypatch.setattr(readers, "PASSAGE_CHARS", 700)
     passages = list(iter_texts([tmp_path / "long.txt"]))
     assert len(passages) > 20 and "".join(passages) == long
 
@@ -119,13 +119,13 @@ def test_the_cache_is_reused_invalidated_and_never_trusted_half_written(
 ):
     f = write_jsonl(tmp_path / "docs.jsonl", SHORT[:40])
     calls = []
-    real = text._tokenize
+    real = shards._tokenize
 
     def counting(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(text, "_tokenize", counting)
+    monkeypatch.setattr(shards, "_tokenize", counting)
     data = TextData(path=[f])
     train, val = prepare(data, tok, 16)
     manifest = next((cache / "tokens").glob("*/manifest.json"))
@@ -153,8 +153,8 @@ def test_the_cache_is_reused_invalidated_and_never_trusted_half_written(
         yield next(real(*args))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(text, "_tokenize", interrupted)
-    monkeypatch.setattr(text, "_PART_BYTES", 1000)
+    monkeypatch.setattr(shards, "_tokenize", interrupted)
+    monkeypatch.setattr(readers, "PART_BYTES", 1000)
     with pytest.raises(KeyboardInterrupt):
         prepare(TextData(path=[f], val_fraction=0.3), tok, 16)
     folders = sorted(p.name for p in (cache / "tokens").iterdir())
@@ -284,8 +284,8 @@ def test_worker_processes_report_errors_intact(tmp_path, tok, monkeypatch):
     lines[33] = '{"text": "unterminated'
     f = tmp_path / "big.jsonl"
     f.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    monkeypatch.setattr(text, "_PART_BYTES", 4000)  # the bad line sits in a later part
-    assert len(text._plan([f], "auto")) > 5
+    monkeypatch.setattr(readers, "PART_BYTES", 4000)  # the bad line sits in a later part
+    assert len(readers.plan([f], "auto")) > 5
     messages = []
     for workers in (0, 2):
         with pytest.raises(UserError) as e:

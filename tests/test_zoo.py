@@ -8,6 +8,7 @@ import torch
 from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.model import GPT
+from lifecycle_cli.zoo import named_config
 from lifecycle_cli.zoo.convert import config_from_hf
 
 # Parameter counts of the published checkpoints (embeddings included, tied ones once).
@@ -30,17 +31,17 @@ PUBLISHED = {
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_named_config_has_the_published_parameter_count(name):
     with torch.device("meta"):
-        model = GPT(Config.from_name(name))
+        model = GPT(named_config(name))
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
 
 
 def test_named_configs_are_found_with_org_and_any_case():
-    assert Config.from_name("meta-llama/llama-3.2-1b").name == "Llama-3.2-1B"
+    assert named_config("meta-llama/llama-3.2-1b").name == "Llama-3.2-1B"
 
 
 def test_unknown_name_suggests_close_ones():
     with pytest.raises(UserError, match="did you mean.*pythia-14m"):
-        Config.from_name("pythia-14")
+        named_config("pythia-14")
 
 
 def test_unsupported_model_type_lists_the_supported_ones():
@@ -74,7 +75,7 @@ def test_unsupported_rope_scaling_is_refused():
 
 
 def test_config_yaml_round_trip_and_unknown_field(tmp_path):
-    config = Config.from_name("gemma-2-2b")
+    config = named_config("gemma-2-2b")
     config.save(tmp_path / "model_config.yaml")
     assert Config.from_file(tmp_path / "model_config.yaml") == config
     (tmp_path / "bad.yaml").write_text("n_layer: 2\nn_layers: 3\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 
 @dataclass
@@ -17,16 +17,17 @@ class TextData:
     """Pretraining text: files or folders of .txt, .jsonl (field "text") or .parquet (column
     "text"), tokenized once and cached."""
 
-    path: Optional[list[Path]] = None
-    """Files or folders (searched recursively) of .txt (one document per file), .jsonl (one
-    document per line, in the field "text") and .parquet (one document per row, in the column
-    "text"). Default: text that ships with Python (its help topics and the standard library's
-    docstrings, about 2 MB)."""
+    path: Union[Path, list[Path], None] = None
+    """A file or folder (searched recursively), or a list of them (`[a.txt, more/]`): .txt (one
+    document per file), .jsonl (one document per line, in the field "text") and .parquet (one
+    document per row, in the column "text"). Default: text that ships with Python (its help
+    topics and the standard library's docstrings, about 2 MB)."""
     val_fraction: float = 0.05
     """Share of the documents held out for validation, spread evenly through the corpus (a
     long .txt file counts as passages of about 16,000 characters)."""
-    val_path: Optional[list[Path]] = None
-    """Validation files or folders to use instead of holding out part of --data.path."""
+    val_path: Union[Path, list[Path], None] = None
+    """A validation file or folder (or a list of them) to use instead of holding out part of
+    --data.path."""
     num_workers: Optional[int] = None
     """Processes that tokenize in parallel. Default: one per CPU core, at most one per 4 MB of
     input; 0 or 1 tokenizes in this process."""
@@ -35,7 +36,7 @@ class TextData:
     ~/.cache/llmcycle/tokens."""
 
     def __post_init__(self) -> None:
-        # A single path given where a list is expected (YAML `path: data/`, Python callers).
+        # Always a list from here on, however it was given.
         for name in ("path", "val_path"):
             value = getattr(self, name)
             if isinstance(value, (str, os.PathLike)):
@@ -44,10 +45,6 @@ class TextData:
                 setattr(self, name, [Path(p) for p in value])
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the files
 
 
 @dataclass
@@ -83,7 +80,3 @@ class InstructData:
             value = getattr(self, name)
             if isinstance(value, (str, os.PathLike)):
                 setattr(self, name, Path(value))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading records

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from lifecycle_cli.data.instruct import _read_text, read_json_records
-from lifecycle_cli.data.order import sample_items
+from lifecycle_cli.data.packed import PackedTokens
+from lifecycle_cli.data.records import read_json_records, read_text
 from lifecycle_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def read_classification(path: Path | str) -> list[Example]:
 
 
 def _read_table(path: Path, suffix: str) -> list[Example]:
-    text = _read_text(path)
+    text = read_text(path)
     options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
     reader = csv.reader(io.StringIO(text, newline=""), **options)
     try:
@@ -150,11 +150,9 @@ class ClassificationDataset:
                 tokens = tokens[:max_seq_length]
             ids.append(tokens)
             classes.append(index[label])
-        self.lengths = np.array([len(t) for t in ids], dtype=np.int64)
+        self.tokens = PackedTokens(ids, seed)
+        self.lengths = self.tokens.lengths
         self.targets = np.array(classes, dtype=np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        self._ids = np.fromiter((t for x in ids for t in x), np.int64, int(self._offsets[-1]))
-        self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -165,9 +163,6 @@ class ClassificationDataset:
             f"max_seq_length={self.max_seq_length}, {self.n_truncated} truncated)"
         )
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_perms": {}}
-
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.targets, minlength=len(self.labels))
         return {name: int(c) for name, c in zip(self.labels, counts)}
@@ -177,12 +172,12 @@ class ClassificationDataset:
         real token, "labels": (B,) class ids, "n_tokens": 0-d count of real tokens}."""
         import torch
 
-        rows = sample_items(indices, len(self), self.seed, self._perms)
+        rows = self.tokens.rows(indices)
         lengths = self.lengths[rows]
         width = int(lengths.max()) if len(rows) else 0
         inputs = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         for b, i in enumerate(rows.tolist()):
-            inputs[b, : lengths[b]] = self._ids[self._offsets[i] : self._offsets[i + 1]]
+            inputs[b, : lengths[b]] = self.tokens.ids(i)
         return {
             "input_ids": torch.from_numpy(inputs),
             "last_index": torch.from_numpy(lengths - 1),

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import json
 import random
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from lifecycle_cli.data.args import InstructData
-from lifecycle_cli.data.order import sample_items
+from lifecycle_cli.data.packed import PackedTokens
+from lifecycle_cli.data.records import read_json_records
 from lifecycle_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -49,101 +49,6 @@ JSON_SUFFIXES = (".json", ".jsonl")
 TABLE_SUFFIXES = (".csv", ".tsv")
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
-
-
-def read_json_records(path: Path) -> list[tuple[str, Any]]:
-    """(location, value) for each record of a .jsonl file (one JSON value per non-blank line)
-    or a .json file (a list of records; a file of one record per line also works). Locations
-    are "FILE:LINE" (a JSON list adds "record N"). Unreadable text is a UserError."""
-    path = Path(path)
-    text = _read_text(path)
-    if path.suffix.lower() == ".json":
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            return list(_json_list(path, text))
-        if stripped.startswith("{"):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                if e.msg != "Extra data":
-                    raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-            else:
-                what = "an object" if isinstance(value, dict) else type(value).__name__
-                raise UserError(f"{path}: expected a JSON list of records, found {what}")
-        elif stripped:
-            raise UserError(f"{path}:{_line_of(text, len(text) - len(stripped))}: not valid JSON")
-    out = []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})"
-            ) from None
-    return out
-
-
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"data file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"data path {path} is a folder; give a file") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text") from None
-
-
-def _line_of(text: str, offset: int) -> int:
-    return text.count("\n", 0, offset) + 1
-
-
-_SPACE = re.compile(r"\s*")
-
-
-def _json_list(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """The items of a JSON list with the line each starts on (json.loads gives no positions)."""
-    decoder = json.JSONDecoder()
-    pos = _SPACE.match(text, 0).end() + 1  # after "["
-    index, line, counted = 0, 1, 0  # `line` is the line of offset `counted`
-
-    def line_at(offset: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, offset)
-        counted = offset
-        return line
-
-    while True:
-        pos = _SPACE.match(text, pos).end()
-        if text.startswith("]", pos) and index == 0:
-            pos += 1
-            break
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{e.lineno}: record {index + 1}: not valid JSON: {e.msg}"
-            ) from None
-        yield f"{path}:{line_at(pos)}: record {index + 1}", value
-        index += 1
-        pos = _SPACE.match(text, end).end()
-        if text.startswith(",", pos):
-            pos += 1
-        elif text.startswith("]", pos):
-            pos += 1
-            break
-        else:
-            raise UserError(f"{path}:{line_at(pos)}: expected ',' or ']' after a record")
-    if text[pos:].strip():
-        raise UserError(f"{path}:{line_at(pos)}: unexpected text after the list")
 
 
 def _keys(record: dict) -> str:
@@ -438,11 +343,9 @@ class SFTDataset:
             ids.append(prompt + reply)
             prompt_lengths.append(len(prompt))
             self.expected.append(answer)
-        self.lengths = np.array([len(x) for x in ids], dtype=np.int64)  # tokens per example
+        self.tokens = PackedTokens(ids, seed)  # prompt + reply of each example
+        self.lengths = self.tokens.lengths
         self.prompt_lengths = np.array(prompt_lengths, dtype=np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        self._ids = np.fromiter((t for x in ids for t in x), np.int64, int(self._offsets[-1]))
-        self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -453,16 +356,13 @@ class SFTDataset:
             f"mask_prompt={self.mask_prompt}, {self.n_truncated} truncated)"
         )
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_perms": {}}
-
     def ids(self, i: int) -> np.ndarray:
         """Token ids (prompt + reply) of example `i` in dataset order."""
-        return self._ids[self._offsets[i] : self._offsets[i + 1]]
+        return self.tokens.ids(i)
 
     def example_ids(self, indices: Sequence[int]) -> np.ndarray:
         """Which example each global sample index reads."""
-        return sample_items(indices, len(self), self.seed, self._perms)
+        return self.tokens.rows(indices)
 
     def get(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """{"input_ids": (B, T), "labels": (B, T), "n_tokens": 0-d} for global sample indices.

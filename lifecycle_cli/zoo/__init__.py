@@ -11,6 +11,7 @@ import difflib
 from types import ModuleType
 from typing import Any
 
+from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.zoo import gemma, gpt2, gpt_neox, llama, mistral, phi3, qwen
 
@@ -32,17 +33,18 @@ def family_for(model_type: str | None) -> ModuleType:
     )
 
 
-def named_config(name: str) -> dict[str, Any]:
-    """The config fields of a named model, matched case-insensitively, with or without org."""
+def named_config(name: str, **overrides: Any) -> Config:
+    """The configuration of a named model (matched case-insensitively, with or without org),
+    with `overrides` replacing some of its fields; `llmcycle download list` shows the names."""
     wanted = name.rsplit("/", 1)[-1].lower()
     configs = {c["name"].lower(): c for family in FAMILIES for c in family.CONFIGS}
-    if wanted in configs:
-        return dict(configs[wanted])
-    close = difflib.get_close_matches(wanted, configs, n=3)
-    hint = f" (did you mean {', '.join(configs[c]['name'] for c in close)}?)" if close else ""
-    raise UserError(
-        f"unknown model name {name!r}{hint}; `llmcycle download list` shows the named models"
-    )
+    if wanted not in configs:
+        close = difflib.get_close_matches(wanted, configs, n=3)
+        hint = f" (did you mean {', '.join(configs[c]['name'] for c in close)}?)" if close else ""
+        raise UserError(
+            f"unknown model name {name!r}{hint}; `llmcycle download list` shows the named models"
+        )
+    return Config.from_dict({**configs[wanted], **overrides}, source=f"model {name!r}")
 
 
 def model_table() -> list[tuple[str, str, list[str]]]:

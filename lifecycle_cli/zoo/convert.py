@@ -302,6 +302,16 @@ def safetensors_header(path: Path, f) -> tuple[dict[str, Any], int]:
     for info in header.values():
         if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):
             raise not_safetensors
+        offsets = info["data_offsets"]
+        if not isinstance(offsets, list) or [type(o) for o in offsets] != [int, int]:
+            raise not_safetensors
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    actual = Path(path).stat().st_size
+    if actual < 8 + size + end:
+        raise UserError(
+            f"{path} is truncated ({actual} bytes of {8 + size + end}); download, convert or "
+            "save it again"
+        )
     return header, 8 + size
 
 

@@ -43,10 +43,20 @@ def fetch(
     saved); `endpoint` None means $HF_ENDPOINT, else huggingface.co; `cache_dir` None means
     huggingface_hub's cache under $HF_HOME.
     """
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 
     from lifecycle_cli.zoo.convert import config_from_hf
 
+    if constants.HF_HUB_OFFLINE:  # no request at all, not even the one that would fail
+        cached = cached_snapshot(repo_id, revision, cache_dir)
+        if cached is None:
+            at = f" at revision {revision!r}" if revision else ""
+            raise UserError(
+                f"HF_HUB_OFFLINE is set and the Hugging Face cache holds no complete download of "
+                f"{repo_id}{at}; unset it to download, or convert a local folder with --from_dir"
+            )
+        print(f"HF_HUB_OFFLINE is set; using the earlier download in {cached}", file=sys.stderr)
+        return cached
     hub = _Hub(repo_id, revision, endpoint)
     common = dict(repo_id=repo_id, revision=revision, token=token, endpoint=endpoint)
     api = HfApi(endpoint=endpoint, token=token)

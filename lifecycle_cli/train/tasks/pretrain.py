@@ -44,9 +44,10 @@ class PretrainTask:
                 "give exactly one of: a model name, --model_config, --initial_checkpoint_dir"
             )
         from lifecycle_cli.checkpoint import load_config
+        from lifecycle_cli.zoo import named_config
 
         if model_name is not None:
-            self.config = Config.from_name(model_name)
+            self.config = named_config(model_name)
         else:
             self.config = model_config or load_config(initial_checkpoint_dir)
         self.initial = initial_checkpoint_dir
