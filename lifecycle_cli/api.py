@@ -90,9 +90,12 @@ class LLM:
             return self.tokenizer.encode(prompt), ()
         return style.encode(self.tokenizer, style.apply(prompt, system)), style.stop
 
-    def _params(self, stop: Union[str, Sequence[str], None], style_stop, **kwargs):
+    @staticmethod
+    def _params(values: dict, style_stop: Sequence[str]) -> SamplingParams:
+        """The sampling settings among a call's arguments, the prompt style's stops added."""
+        stop = values["stop"]
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return SamplingParams(stop=stop + tuple(style_stop), **kwargs)
+        return SamplingParams.pick(values, stop=stop + tuple(style_stop))
 
     def generate(
         self,
@@ -116,13 +119,10 @@ class LLM:
         finetuned checkpoint (prompt_style.yaml) and otherwise uses the prompt as given; name a
         style (e.g. 'chat_template', 'alpaca') to format it as a user message.
         """
+        values = locals()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prepared = [self.prepare_prompt(p, prompt_style, system) for p in prompts]
-        sampling = dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        )  # fmt: skip
-        params = [self._params(stop, style_stop, **sampling) for _, style_stop in prepared]
+        params = [self._params(values, style_stop) for _, style_stop in prepared]
         done = self.generator().generate_batch([ids for ids, _ in prepared], params)
         texts = [c.text for c in done]
         return texts[0] if isinstance(prompt, str) else texts
@@ -142,10 +142,6 @@ class LLM:
         system: Optional[str] = None,
     ) -> Iterator[str]:
         """`generate`, as text pieces while they are generated (never half a character)."""
+        values = locals()
         ids, style_stop = self.prepare_prompt(prompt, prompt_style, system)
-        params = self._params(
-            stop, style_stop, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-            seed=seed,
-        )  # fmt: skip
-        yield from self.generator().stream(ids, params)
+        yield from self.generator().stream(ids, self._params(values, style_stop))

@@ -60,17 +60,12 @@ def chat(
             reply, faster after).
     """
     from lifecycle_cli.api import load_for_inference
-    from lifecycle_cli.generate import SamplingParams, unescape
+    from lifecycle_cli.generate import SamplingParams, cli_stops
 
-    stops = tuple(unescape(s) for s in ([stop] if isinstance(stop, str) else stop) if s)
-    sampling = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-    )  # fmt: skip
-    SamplingParams(**sampling)  # bad values fail before the model loads
+    params = SamplingParams.pick(locals(), stop=cli_stops(stop))  # fails before the model loads
     llm = load_for_inference(checkpoint_dir, device, precision)
     style = llm.prompt_style(prompt_style, default="chat")
-    params = SamplingParams(stop=stops + style.stop, **sampling)
+    params = params.replace(stop=params.stop + style.stop)
     session = ChatSession(llm.generator(compile=compile), llm.tokenizer, style, params, system)
     print(
         f"Now chatting with {Path(checkpoint_dir).name} ({style.name} prompt style).",

@@ -52,18 +52,13 @@ def generate(
             seconds of compiling. Pays off for long outputs.
     """
     from lifecycle_cli.api import load_for_inference
-    from lifecycle_cli.generate import SamplingParams, format_stats, unescape
+    from lifecycle_cli.generate import SamplingParams, cli_stops, format_stats
 
-    stops = tuple(unescape(s) for s in ([stop] if isinstance(stop, str) else stop) if s)
-    params = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-    )  # fmt: skip
-    SamplingParams(**params)  # bad values fail before the model loads
+    params = SamplingParams.pick(locals(), stop=cli_stops(stop))  # fails before the model loads
     llm = load_for_inference(checkpoint_dir, device, precision)
     ids, style_stops = llm.prepare_prompt(prompt, prompt_style, system)
-    gen = llm.generator(compile=compile)
-    stream = gen.stream(ids, SamplingParams(stop=stops + style_stops, **params))
+    params = params.replace(stop=params.stop + style_stops)
+    stream = llm.generator(compile=compile).stream(ids, params)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
