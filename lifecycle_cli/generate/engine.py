@@ -195,16 +195,17 @@ class Engine:
         check_prompt_length(len(ids), self.context, what)
         self.waiting.append((key, ids, params, stream))
 
-    def cancel(self, key: Any) -> Optional[Row]:
-        """Drop request `key`, waiting or running; its row if it was running."""
+    def cancel(self, key: Any) -> Optional[list[int]]:
+        """Drop request `key`, waiting or running: the tokens it had generated (None if it was
+        not here: unknown or already done)."""
         for i, (waiting, *_) in enumerate(self.waiting):
             if waiting == key:
                 del self.waiting[i]
-                return None
+                return []
         for row in self.slots:
             if row is not None and row.key == key:
                 self._release(row)
-                return row
+                return row.tokens
         return None
 
     def step(self) -> list[Event]:

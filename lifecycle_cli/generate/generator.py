@@ -102,13 +102,11 @@ class BatchStream:
         c = self.completions[row]
         if c.finish_reason is not None:
             return
-        taken = self.engine.cancel(row)
+        tokens = self.engine.cancel(row)
         c.finish_reason = "cancelled"
         c.seconds = time.perf_counter() - self._start
-        if taken is not None:
-            c.token_ids = list(taken.tokens)
-            if taken.first_token_at is not None:
-                c.time_to_first_token = taken.first_token_at - self._start
+        if tokens is not None:
+            c.token_ids = list(tokens)
 
     def close(self) -> None:
         for row in range(len(self.completions)):

@@ -79,8 +79,10 @@ def _check(name: str, value: Any) -> None:
             raise SamplingError(name, f"{name} must be a number, got {value!r}")
         if not math.isfinite(value):
             raise SamplingError(name, f"{name} must be a finite number, got {value}")
-    if name == "max_new_tokens" and not (_is_int(value) and value >= 1):
-        raise SamplingError(name, f"max_new_tokens must be an integer >= 1, got {value!r}")
+    if name == "max_new_tokens" and not _is_int(value):
+        raise SamplingError(name, f"max_new_tokens must be an integer, got {value!r}")
+    if name == "max_new_tokens" and value < 1:
+        raise SamplingError(name, f"max_new_tokens must be at least 1, got {value}")
     if name == "temperature" and value < 0:
         raise SamplingError(name, f"temperature must be >= 0, got {value:g}")
     if name == "top_k" and value is not None and not (_is_int(value) and value >= 1):
