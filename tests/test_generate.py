@@ -392,6 +392,27 @@ def test_cli_generate_prompt_longer_than_context_is_one_line_exit_2(tiny_checkpo
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize(
+    "verb, flag, value, words",
+    [
+        ("generate", "--top_p", "0", "(0, 1]"),
+        ("generate", "--min_p", "1.5", "[0, 1)"),
+        ("generate", "--repetition_penalty", "0", "> 0"),
+        ("chat", "--max_new_tokens", "0", "at least 1"),
+        ("chat", "--temperature", "-1", ">= 0"),
+    ],
+)
+def test_cli_bad_sampling_flag_is_one_line_naming_it_exit_2(
+    tiny_checkpoint, verb, flag, value, words
+):
+    args = ["--prompt", "x"] if verb == "generate" else []
+    proc = llmcycle(verb, tiny_checkpoint, *args, flag, value)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert flag in proc.stderr and words in proc.stderr
+    assert proc.stdout == ""
+
+
 @pytest.mark.parametrize("verb", ["generate", "chat"])
 def test_verb_help_lists_the_flags_without_importing_torch(verb):
     probe = (

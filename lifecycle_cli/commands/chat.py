@@ -62,7 +62,9 @@ def chat(
     from lifecycle_cli.api import load_for_inference
     from lifecycle_cli.generate import SamplingParams, cli_stops
 
-    params = SamplingParams.pick(locals(), stop=cli_stops(stop))  # fails before the model loads
+    params = SamplingParams.pick(
+        locals(), flags=True, stop=cli_stops(stop)
+    )  # fails before the model loads
     llm = load_for_inference(checkpoint_dir, device, precision)
     style = llm.prompt_style(prompt_style, default="chat")
     params = params.replace(stop=params.stop + style.stop)

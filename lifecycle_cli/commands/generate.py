@@ -54,7 +54,9 @@ def generate(
     from lifecycle_cli.api import load_for_inference
     from lifecycle_cli.generate import SamplingParams, cli_stops, format_stats
 
-    params = SamplingParams.pick(locals(), stop=cli_stops(stop))  # fails before the model loads
+    params = SamplingParams.pick(
+        locals(), flags=True, stop=cli_stops(stop)
+    )  # fails before the model loads
     llm = load_for_inference(checkpoint_dir, device, precision)
     ids, style_stops = llm.prepare_prompt(prompt, prompt_style, system)
     params = params.replace(stop=params.stop + style_stops)

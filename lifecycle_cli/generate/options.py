@@ -62,10 +62,18 @@ class SamplingParams:
         return replace(self, **changes)
 
     @classmethod
-    def pick(cls, values: Mapping[str, Any], **overrides: Any) -> SamplingParams:
-        """The settings among `values` (a verb's `locals()`, say), with `overrides`."""
+    def pick(
+        cls, values: Mapping[str, Any], *, flags: bool = False, **overrides: Any
+    ) -> SamplingParams:
+        """The settings among `values` (a verb's `locals()`, say), with `overrides`. flags: the
+        values are a verb's flags, and a bad one is reported as `--name`."""
         names = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+        try:
+            return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
+        except SamplingError as e:
+            if not flags:
+                raise
+            raise SamplingError(e.field, f"--{e}") from None
 
 
 def _is_int(value: Any) -> bool:
