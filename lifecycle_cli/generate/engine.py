@@ -162,6 +162,10 @@ class Engine:
         self.sampler = Sampler(max_batch_size, self.model.config.vocab_size, self.device)
         self._cache_shape: Optional[tuple[int, int]] = None
 
+    def forget(self) -> None:
+        """Forget which tokens the slots hold: the next prompts are prefilled whole."""
+        self.cached = [[] for _ in self.slots]
+
     def busy(self) -> bool:
         return bool(self.waiting) or self.running() > 0
 
@@ -218,6 +222,8 @@ class Engine:
                     admitted.append(self._admit(key, ids, params, stream))
                 except Exception as e:
                     self._fail([], e, events, "admitting a request failed", key)
+            if len(admitted) > 1:  # reuse a slot's cache alone only when it saves much
+                admitted = [(r, s if 2 * s >= len(r.prompt) else 0) for r, s in admitted]
             for group in _prefill_groups(admitted):
                 try:
                     self._prefill(group, events)

@@ -6,10 +6,11 @@ their flags with them before a model loads.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Optional, TypeVar, Union
 
 from lifecycle_cli.errors import UserError
 
@@ -124,6 +125,68 @@ def check_prompt_length(n_tokens: int, context: int, what: str = "the prompt") -
             f"{what} is {n_tokens} tokens but the model's context is {context} tokens; "
             f"shorten it to at most {context - 1} tokens to leave room for the reply"
         )
+
+
+# The flags `generate` and `chat` share: SamplingParams fields, their types and their help.
+FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("max_new_tokens", int, "At most this many new tokens (fewer if the context runs out)."),
+    (
+        "temperature",
+        float,
+        "Sampling temperature; 0 picks the most likely token every time (greedy).",
+    ),
+    ("top_k", Optional[int], "Sample only among the k most likely tokens (null: all)."),
+    (
+        "top_p",
+        float,
+        "Sample only among the most likely tokens that together hold this probability.",
+    ),
+    ("min_p", float, "Drop tokens less likely than min_p times the most likely one (0: off)."),
+    (
+        "repetition_penalty",
+        float,
+        "Above 1, tokens already in the prompt (the conversation) or output become less likely.",
+    ),
+    ("seed", Optional[int], "Random seed, for output that repeats run after run (unset: differs)."),
+    (
+        "stop",
+        Union[list[str], str],
+        'A string (or a list, `--stop \'["a", "b"]\'`) that ends the output, besides the '
+        "prompt style's own end-of-turn markers; it is not printed. `\\n` and `\\t` stand for "
+        "newline and tab.",
+    ),
+)
+
+Verb = TypeVar("Verb", bound=Callable[..., Any])
+
+
+def sampling_flags(verb: Verb) -> Verb:
+    """Give a verb that takes `**sampling` the sampling flags: its signature (what the command
+    line parser reads) gains `FLAGS` as keyword parameters with SamplingParams' defaults, and the
+    `{sampling}` line of its docstring (among the Args) their help."""
+    defaults = {f.name: f.default for f in fields(SamplingParams) if f.default is not MISSING}
+    signature = inspect.signature(verb)
+    own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    extra = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name], annotation=t
+        )
+        for name, t, _ in FLAGS
+    ]
+    verb.__signature__ = signature.replace(parameters=own + extra)
+    doc = verb.__doc__ or ""
+    at = doc.find("{sampling}")
+    if at >= 0:  # the help, indented as the placeholder is
+        indent = " " * (at - doc.rfind("\n", 0, at) - 1)
+        lines = "\n".join(f"{indent}{name}: {help}" for name, _, help in FLAGS)
+        verb.__doc__ = doc[: doc.rfind("\n", 0, at) + 1] + lines + doc[at + len("{sampling}") :]
+    return verb
+
+
+def from_flags(sampling: Mapping[str, Any]) -> SamplingParams:
+    """The sampling flags of a verb (see `sampling_flags`) as settings; a bad value is one
+    line naming its flag."""
+    return SamplingParams.pick(sampling, flags=True, stop=cli_stops(sampling.get("stop")))
 
 
 def unescape(text: str) -> str:
