@@ -18,6 +18,7 @@ from lifecycle_cli.checkpoint import load_model, save_checkpoint
 from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.generate import (
+    Engine,
     Generator,
     SamplingParams,
     TextStream,
@@ -116,6 +117,33 @@ def test_batched_rows_equal_generating_each_alone(family, hf_pair):
     assert [c.token_ids for c in batch] == alone
     assert [c.finish_reason for c in batch] == ["length", "length", "length", "stop"]
     assert [len(c.token_ids) for c in batch[:3]] == [15, 7, 15]
+
+
+def test_requests_joining_a_running_batch_in_scattered_slots_get_their_own_tokens(hf_pair):
+    """Continuous batching: new requests prefilled into free slots that are not side by side,
+    while other rows are mid-way, decode exactly as they would alone."""
+    _, model = hf_pair("gemma2")  # a sliding window: the cache positions must be right
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 96, (n,)).tolist() for n in (5, 9, 4, 7, 6, 6)]
+    alone = [Generator(model).generate(p, greedy(12)).token_ids for p in prompts]
+
+    engine = Engine(model, max_batch_size=4, raise_errors=True)
+    for key in range(4):
+        engine.submit(key, prompts[key], greedy(12))
+    done, steps = {}, 0
+    while engine.busy():
+        if steps == 3:  # free slots 0 and 2; two new requests take them together
+            assert engine.cancel(0) is not None and engine.cancel(2) is not None
+            engine.submit(4, prompts[4], greedy(12))
+            engine.submit(5, prompts[5], greedy(12))
+        for key, kind, payload in engine.step():
+            assert kind in ("piece", "done")
+            if kind == "done":
+                done[key] = payload
+        steps += 1
+    assert sorted(done) == [1, 3, 4, 5]
+    assert [done[k]["token_ids"] for k in (1, 3, 4, 5)] == [alone[k] for k in (1, 3, 4, 5)]
+    assert max(done[k]["batch"] for k in done) == 4
 
 
 def test_a_later_prompt_reuses_the_cached_prefix_and_gets_the_same_tokens(hf_pair):
