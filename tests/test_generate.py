@@ -174,6 +174,10 @@ def test_context_guard_names_the_lengths_and_max_new_tokens_is_clamped(hf_pair):
         gen.generate([3] * context, greedy(4))
     done = gen.generate([3] * (context - 3), greedy(50))
     assert len(done.token_ids) == 3 and done.finish_reason == "length"
+    # One prompt of a batch too long: the call fails and leaves the generator as it was.
+    with pytest.raises(UserError, match="prompt 2 is 70 tokens"):
+        gen.generate_batch([[3, 4], list(range(3, 73))], greedy(4))
+    assert gen.generate([5, 6], greedy(8)).token_ids == full_forward_greedy(model, [5, 6], 8)
 
 
 def test_compiled_decoding_gives_the_eager_tokens(hf_pair):

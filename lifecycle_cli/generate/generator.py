@@ -67,9 +67,14 @@ class BatchStream:
         self.engine = engine
         self.completions = [Completion(prompt_tokens=len(p)) for p in prompts]
         self._start = time.perf_counter()
-        for row, (ids, p) in enumerate(zip(prompts, params)):
-            what = "the prompt" if len(prompts) == 1 else f"prompt {row + 1}"
-            engine.submit(row, ids, p, stream=True, what=what)
+        try:
+            for row, (ids, p) in enumerate(zip(prompts, params)):
+                what = "the prompt" if len(prompts) == 1 else f"prompt {row + 1}"
+                engine.submit(row, ids, p, stream=True, what=what)
+        except BaseException:  # a prompt too long: none of them runs
+            for row in range(len(prompts)):
+                engine.cancel(row)
+            raise
 
     def __iter__(self) -> Iterator[list[str]]:
         return self
