@@ -7,7 +7,8 @@ In the order a request meets them:
                  JSON error naming the field (HTTP process, no torch)
     app.py       the routes, API-key middleware, the engine's events -> responses / SSE
     worker.py    the LitServe inference worker: EngineAPI (loads the model), EngineLoop (steps
-                 the engine; why not LitServe's ContinuousBatchingLoop is said there)
+                 the engine; why not LitServe's ContinuousBatchingLoop is said there), and the
+                 only uses of LitServe internals
     server.py    build_server / run_server: address checks, the LitServer, signals
 """
 

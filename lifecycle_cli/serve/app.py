@@ -21,7 +21,6 @@ from typing import Any, Optional
 import litserve as ls
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from litserve.utils import ResponseBufferItem
 
 from lifecycle_cli.serve.requests import (
     ModelInfo,
@@ -30,7 +29,14 @@ from lifecycle_cli.serve.requests import (
     error_response,
     read_body,
 )
-from lifecycle_cli.serve.worker import API_PATH, CANCEL, MAILBOX
+from lifecycle_cli.serve.worker import (
+    API_PATH,
+    CANCEL,
+    consumer_id,
+    drop_generic_route,
+    open_mailbox,
+    request_queue,
+)
 
 BATCH_HEADER = "x-llmcycle-batch"
 SHUTDOWN_GRACE_S = 2  # open streams may hold a shutdown up this long, no more
@@ -74,10 +80,7 @@ class Front:
         self.closing_at: Optional[float] = None  # when the HTTP server was told to stop
 
     def mount(self, app: FastAPI) -> None:
-        # LitServe registered a generic POST route for the LitAPI; these routes replace it.
-        app.router.routes = [
-            r for r in app.router.routes if getattr(r, "path", None) != API_PATH
-        ]  # fmt: skip
+        drop_generic_route(app)
         app.add_api_route(API_PATH, self.predict, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
@@ -91,8 +94,7 @@ class Front:
         if self._dispatcher is not None and not self._dispatcher.done():
             return
         self._watch_shutdown()
-        event, box = asyncio.Event(), deque()
-        self.server.response_buffer[MAILBOX] = ResponseBufferItem(event=event, response_queue=box)
+        event, box = open_mailbox(self.server)
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(event, box))
 
     def _watch_shutdown(self) -> None:
@@ -136,11 +138,11 @@ class Front:
         shutting down, a request still running near the end of the grace period ends with a 503
         error, so that no response is cut off without a word."""
         self._start_dispatcher()
-        consumer = getattr(request.app, "response_queue_id", None) or 0
+        consumer = consumer_id(request.app)
         uid = uuid.uuid4().hex
         inbox: asyncio.Queue = asyncio.Queue()
         self.inboxes[uid] = inbox
-        requests = self.server.litapi_request_queues[API_PATH]
+        requests = request_queue(self.server)
         requests.put((consumer, uid, time.monotonic(), {**job, "stream": stream}))
         finished = False
         try:

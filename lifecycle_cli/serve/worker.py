@@ -14,25 +14,28 @@ per row per step (at batch 32 that traffic alone costs a large share of a step o
 it has no way to drop a running request whose client went away (requests only leave by
 finishing), and it answers only through LitServe's generic route and spec, not the LitGPT and
 OpenAI routes with their own error and streaming shapes. So this module subclasses the public
-`LitLoop` and uses, beyond it, LitServe 0.2.19's request queues, `put_response` and (in app.py)
-`response_buffer`/`ResponseBufferItem`/`app.response_queue_id`: those are the internals this
-package touches, which is why pyproject pins litserve >=0.2.19,<0.3.
+`LitLoop`, and the few LitServe 0.2.19 internals the package needs beyond it (the request queue
+of a route, the response buffer, an HTTP process's consumer id, the generic route) are reached
+only through the functions at the end of this module: that is why pyproject pins
+litserve >=0.2.19,<0.3.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import queue
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
 import litserve as ls
 from litserve.loops.base import LitLoop
-from litserve.utils import LitAPIStatus, LoopResponseType
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
 
 from lifecycle_cli.errors import UserError
 
@@ -205,3 +208,30 @@ def _read_requests(request_queue, inbox: queue.Queue) -> None:
             inbox.put(None)  # LitServe's sentinel (None, None, None, None)
             return
         inbox.put(item)
+
+
+# --------------------------------------------------------------------------------------------
+# LitServe 0.2.19 internals: every use of them is here
+
+
+def request_queue(server: ls.LitServer) -> Any:
+    """The queue LitServe's own route for `API_PATH` puts requests on (the loop reads it)."""
+    return server.litapi_request_queues[API_PATH]
+
+
+def consumer_id(app: Any) -> int:
+    """Which HTTP process this is: the loop answers each process on its own queue."""
+    return getattr(app, "response_queue_id", None) or 0
+
+
+def open_mailbox(server: ls.LitServer) -> tuple[asyncio.Event, deque]:
+    """Where LitServe's response reader files the messages sent under `MAILBOX`: (the event it
+    sets, the deque it appends `(events, status)` to)."""
+    event, box = asyncio.Event(), deque()
+    server.response_buffer[MAILBOX] = ResponseBufferItem(event=event, response_queue=box)
+    return event, box
+
+
+def drop_generic_route(app: Any) -> None:
+    """Remove the generic POST route LitServe registered for the LitAPI (ours replace it)."""
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != API_PATH]
