@@ -341,16 +341,17 @@ def attention_mask(
     return mask if q_pos.dim() == 1 else mask.unsqueeze(1)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Static, preallocated keys and values of one layer: (B, n_query_groups, max_len, hs).
 
     Attention reads the cache's *window*: rows `first..end-1` and positions `0..length-1`
     (all of it unless `GPT.kv_cache_window` narrows it) and masks what a query may not see, so
     shapes do not change from one decoding step to the next (one graph for `torch.compile`).
+    A plain object, not a module: no state_dict entry, and the window is set twice per decoding
+    step for every layer (cheap on a plain object, not on a module).
     """
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype) -> None:
-        super().__init__()
         shape = (batch_size, config.n_query_groups, max_len, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)

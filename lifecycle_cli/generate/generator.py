@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional, Union
 
 from lifecycle_cli.errors import UserError
-from lifecycle_cli.generate.engine import Engine, fast_decode_layout  # noqa: F401
+from lifecycle_cli.generate.engine import Engine
 from lifecycle_cli.generate.options import GREEDY, SamplingParams
 
 if TYPE_CHECKING:
