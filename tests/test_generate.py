@@ -146,6 +146,31 @@ def test_requests_joining_a_running_batch_in_scattered_slots_get_their_own_token
     assert max(done[k]["batch"] for k in done) == 4
 
 
+def test_a_request_alone_in_a_high_slot_decodes_as_a_batch_of_one(hf_pair):
+    """A prompt that continues what slot 3 holds goes there (its prefix is reused), and then
+    decodes alone: the free slots below it do not ride along."""
+    _, model = hf_pair("llama")
+    engine = Engine(model, max_batch_size=4, raise_errors=True)
+    prompts = [[5 + i, 6, 7, 8, 9, 10] for i in range(4)]
+    for key, prompt in enumerate(prompts):
+        engine.submit(key, prompt, greedy(4))
+    done = {}
+    while engine.busy():
+        done.update((k, v) for k, kind, v in engine.step() if kind == "done")
+    later = prompts[3] + done[3]["token_ids"] + [11]
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(tuple(args[0].shape)))
+    try:
+        engine.submit("later", later, greedy(6))
+        while engine.busy():
+            done.update((k, v) for k, kind, v in engine.step() if kind == "done")
+    finally:
+        hook.remove()
+    assert rows[0] == (1, 2)  # the prefill fed only what slot 3 did not hold
+    assert set(rows[1:]) == {(1, 1)}
+    assert done["later"]["token_ids"] == full_forward_greedy(model, later, 6)
+
+
 def test_a_later_prompt_reuses_the_cached_prefix_and_gets_the_same_tokens(hf_pair):
     _, model = hf_pair("llama")
     gen = Generator(model)

@@ -313,15 +313,18 @@ class Engine:
             self._take(row, token, events)
 
     def _decode_rows(self, rows: list[Row], events: list) -> None:
-        """One token for every running row. Free slots below the last used one ride along
-        (token 0 at position 0, output ignored): the cache rows stay where they are."""
-        n = len(self.slots) if self.compiled else max(row.slot for row in rows) + 1
+        """One token for every running row. The step covers the slots from the first used one
+        to the last (every slot when compiled); free slots between them ride along (token 0 at
+        position 0, output ignored): the cache rows stay where they are."""
+        slots = [row.slot for row in rows]
+        first, end = (0, len(self.slots)) if self.compiled else (min(slots), max(slots) + 1)
+        n = end - first
         tokens, positions = [0] * n, [0] * n
         for row in rows:
-            tokens[row.slot] = row.tokens[-1]
-            positions[row.slot] = len(row.prompt) + row.generated - 1
+            tokens[row.slot - first] = row.tokens[-1]
+            positions[row.slot - first] = len(row.prompt) + row.generated - 1
             row.batch = max(row.batch, len(rows))
-        for slot in range(n):
+        for slot in range(first, end):
             if self.slots[slot] is None:
                 self.cached[slot] = []  # its position 0 is overwritten
         token_in = torch.tensor(tokens, dtype=torch.long, device=self.device).view(n, 1)
@@ -330,16 +333,15 @@ class Engine:
         # Attention reads every position of the window it is given: eager steps get only the
         # positions in use (most of a batch-32 step's time is these reads).
         length = self.cache_len if self.compiled else max(positions) + 1
-        with self.model.kv_cache_window(0, n, length):
+        with self.model.kv_cache_window(first, end, length):
             if self.compiled and not self._compile_checked:
                 logits = self._first_compiled_step(token_in, pos)
             else:
                 logits = self._decode(self.model, token_in, pos)
-        slots = [row.slot for row in rows]
         for row in rows:
             self.cached[row.slot].append(row.tokens[-1])
-        if slots != list(range(n)):
-            logits = logits[torch.tensor(slots, device=self.device)]
+        if slots != list(range(first, end)):
+            logits = logits[torch.tensor(slots, device=self.device) - first]
         for row, token in zip(rows, self.sampler(logits, slots)):
             self._take(row, token, events)
 
