@@ -1,11 +1,12 @@
 """Decoding speed at batch 1: tokens/s after the first token, and time to first token.
 
 Two random-init Pythia-shaped models (vocab 50304): pythia-14m itself and a ~100M one. Each is
-decoded greedily by our `Generator` (static KV cache; eager, then `--compile`), by the same
-`Generator` with the output head in its stored (row-major) layout, by a loop without a KV cache
-(the whole sequence through the model per token) and by `transformers`' `generate` on the same
-weights exported with `convert to_hf`. For reference on this 2-core CPU (issue 6): `litgpt
-generate` ~105 tokens/s and transformers ~85 tokens/s on pythia-14m.
+decoded greedily by our `Generator` (the batching engine at batch 1, static KV cache; eager,
+then `--compile`), by the same `Generator` with the output head in its stored (row-major)
+layout, by a loop without a KV cache (the whole sequence through the model per token) and by
+`transformers`' `generate` on the same weights exported with `convert to_hf`. For reference on
+this 2-core CPU (issue 6): `litgpt generate` ~105 tokens/s and transformers ~85 tokens/s on
+pythia-14m.
 
 Every run first waits (up to 2 minutes) for the CPUs to be idle; a row's
 `runs_on_busy_cpus` counts the runs that could not, whose figures may be low.
@@ -74,7 +75,7 @@ def ours(model, prompt: list[int], n: int, compile: bool = False, repeats: int =
     for i in range(repeats + 1):
         if i:
             wait_for_idle()
-        gen._cached = []  # no prefix reuse between runs: each one prefills the whole prompt
+        gen.engine.forget()  # no prefix reuse between runs: each one prefills the whole prompt
         done = gen.generate(prompt, params)
         assert done.completion_tokens == n
         runs.append(done)

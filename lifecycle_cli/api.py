@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -13,6 +13,7 @@ from lifecycle_cli.checkpoint import load_model
 from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.generate import Generator, SamplingParams, fast_decode_layout
+from lifecycle_cli.generate.options import sampling_flags
 from lifecycle_cli.model import GPT
 from lifecycle_cli.prompts import PromptStyle, resolve_style
 from lifecycle_cli.tokenizer import Tokenizer
@@ -90,23 +91,20 @@ class LLM:
             return self.tokenizer.encode(prompt), ()
         return style.encode(self.tokenizer, style.apply(prompt, system)), style.stop
 
-    def _params(self, stop: Union[str, Sequence[str], None], style_stop, **kwargs):
+    @staticmethod
+    def _params(sampling: dict[str, Any], style_stop: Sequence[str]) -> SamplingParams:
+        """Sampling keyword arguments as settings, the prompt style's stops added."""
+        stop = sampling.get("stop")
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return SamplingParams(stop=stop + tuple(style_stop), **kwargs)
+        return SamplingParams(**{**sampling, "stop": stop + tuple(style_stop)})
 
+    @sampling_flags
     def generate(
         self,
         prompt: Union[str, Sequence[str]],
-        max_new_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: Optional[int] = 50,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
         prompt_style: Optional[str] = "auto",
         system: Optional[str] = None,
+        **sampling: Any,
     ) -> Union[str, list[str]]:
         """The completion of `prompt` (a list of prompts: their completions, generated together
         as one batch).
@@ -115,37 +113,29 @@ class LLM:
         (not included) or `max_new_tokens`. prompt_style 'auto' applies the style saved with a
         finetuned checkpoint (prompt_style.yaml) and otherwise uses the prompt as given; name a
         style (e.g. 'chat_template', 'alpaca') to format it as a user message.
+
+        Sampling (keyword arguments, any `SamplingParams` field):
+            {sampling}
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prepared = [self.prepare_prompt(p, prompt_style, system) for p in prompts]
-        sampling = dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        )  # fmt: skip
-        params = [self._params(stop, style_stop, **sampling) for _, style_stop in prepared]
+        params = [self._params(sampling, style_stop) for _, style_stop in prepared]
         done = self.generator().generate_batch([ids for ids, _ in prepared], params)
         texts = [c.text for c in done]
         return texts[0] if isinstance(prompt, str) else texts
 
+    @sampling_flags
     def stream(
         self,
         prompt: str,
-        max_new_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: Optional[int] = 50,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
         prompt_style: Optional[str] = "auto",
         system: Optional[str] = None,
+        **sampling: Any,
     ) -> Iterator[str]:
-        """`generate`, as text pieces while they are generated (never half a character)."""
+        """`generate`, as text pieces while they are generated (never half a character).
+
+        Sampling (keyword arguments, any `SamplingParams` field):
+            {sampling}
+        """
         ids, style_stop = self.prepare_prompt(prompt, prompt_style, system)
-        params = self._params(
-            stop, style_stop, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-            seed=seed,
-        )  # fmt: skip
-        yield from self.generator().stream(ids, params)
+        yield from self.generator().stream(ids, self._params(sampling, style_stop))

@@ -10,6 +10,8 @@ Parameter names (what checkpoints store):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -108,9 +110,9 @@ class GPT(nn.Module):
             cache = self.blocks[0].attn.kv_cache
             if cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call set_kv_cache first")
-            if not torch.compiler.is_compiling() and int(pos.max()) >= cache.max_len:
+            if not torch.compiler.is_compiling() and int(pos.max()) >= cache.length:
                 raise ValueError(
-                    f"position {int(pos.max())} is past the KV cache length {cache.max_len}"
+                    f"position {int(pos.max())} is past the KV cache length {cache.length}"
                 )
             # Built once per call, shared by the layers: with and without the sliding window.
             windows = {block.attn.window for block in self.blocks}
@@ -145,7 +147,7 @@ class GPT(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        """Preallocate a static KV cache for incremental decoding."""
+        """Preallocate a static KV cache for incremental decoding (empty)."""
         max_seq_length = max_seq_length or self._max_seq_length
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
@@ -155,6 +157,58 @@ class GPT(nn.Module):
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
+
+    @property
+    def kv_cache(self) -> Optional[KVCache]:
+        """The first layer's KV cache (who set the cache can tell it is still theirs)."""
+        return self.blocks[0].attn.kv_cache
+
+    @property
+    def kv_cache_shape(self) -> Optional[tuple[int, int]]:
+        """(rows, positions) of the KV cache; None without one."""
+        cache = self.blocks[0].attn.kv_cache
+        return None if cache is None else (cache.batch_size, cache.max_len)
+
+    def resize_kv_cache(self, batch_size: int, max_seq_length: int) -> None:
+        """Give the KV cache this shape, keeping the keys and values it holds (new if none)."""
+        if self.kv_cache_shape is None:
+            self.set_kv_cache(batch_size, max_seq_length)
+            return
+        for block in self.blocks:
+            block.attn.kv_cache = block.attn.kv_cache.resized(
+                self.config, batch_size, max_seq_length
+            )
+
+    @contextmanager
+    def kv_cache_window(self, first: int, end: int, length: int) -> Iterator[None]:
+        """Let calls inside see only rows first..end-1 and the first `length` positions of the
+        KV cache (attention reads the whole window: a batch decodes faster reading only the
+        positions in use); what they write lands in those rows."""
+        caches = [block.attn.kv_cache for block in self.blocks]
+        for cache in caches:
+            cache.rows, cache.length = slice(first, end), min(length, cache.max_len)
+        try:
+            yield
+        finally:
+            for cache in caches:
+                cache.rows, cache.length = slice(0, cache.batch_size), cache.max_len
+
+    @contextmanager
+    def kv_cache_rows(self, rows: torch.Tensor, length: int) -> Iterator[None]:
+        """Let calls inside write to a fresh cache of len(rows) rows and `length` positions;
+        afterwards it is copied into rows `rows` of the KV cache (a prefill of new requests
+        into free slots that need not be next to each other)."""
+        caches = [block.attn.kv_cache for block in self.blocks]
+        scratch = [KVCache(self.config, len(rows), length, c.k.device, c.k.dtype) for c in caches]
+        for block, cache in zip(self.blocks, scratch):
+            block.attn.kv_cache = cache
+        try:
+            yield
+        finally:
+            for block, cache in zip(self.blocks, caches):
+                block.attn.kv_cache = cache
+        for cache, filled in zip(caches, scratch):
+            cache.copy_rows(rows, filled)
 
 
 class Block(nn.Module):
@@ -287,33 +341,60 @@ def attention_mask(
     return mask if q_pos.dim() == 1 else mask.unsqueeze(1)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Static, preallocated keys and values of one layer: (B, n_query_groups, max_len, hs).
 
-    Attention always reads the whole cache and masks what a query may not see, so shapes never
-    change from one decoding step to the next (no reallocation, one graph for `torch.compile`).
+    Attention reads the cache's *window*: rows `first..end-1` and positions `0..length-1`
+    (all of it unless `GPT.kv_cache_window` narrows it) and masks what a query may not see, so
+    shapes do not change from one decoding step to the next (one graph for `torch.compile`).
+    A plain object, not a module: no state_dict entry, and the window is set twice per decoding
+    step for every layer (cheap on a plain object, not on a module).
     """
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype) -> None:
-        super().__init__()
         shape = (batch_size, config.n_query_groups, max_len, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.positions = torch.arange(max_len, device=device)
+        self.all_positions = torch.arange(max_len, device=device)
         self.max_len = max_len
+        self.rows, self.length = slice(0, batch_size), max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(0)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.all_positions[: self.length]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write the new keys/values at `input_pos` ((T,), or (B, T) per row); return the cache
-        of the first B rows, all `max_len` slots."""
+        """Write the new keys/values at `input_pos` ((T,), or (B, T) per row) into the first B
+        rows of the window; return those rows of the window."""
         B = k.size(0)
+        rows = slice(self.rows.start, self.rows.start + B)
+        cache_k, cache_v = self.k[rows, :, : self.length], self.v[rows, :, : self.length]
         if input_pos.dim() == 1:
-            self.k[:B].index_copy_(2, input_pos, k)
-            self.v[:B].index_copy_(2, input_pos, v)
+            cache_k.index_copy_(2, input_pos, k)
+            cache_v.index_copy_(2, input_pos, v)
         else:
             index = input_pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))
-            self.k[:B].scatter_(2, index, k)
-            self.v[:B].scatter_(2, index, v)
-        return self.k[:B], self.v[:B]
+            cache_k.scatter_(2, index, k)
+            cache_v.scatter_(2, index, v)
+        return cache_k, cache_v
+
+    def resized(self, config: Config, batch_size: int, max_len: int) -> KVCache:
+        """A new cache of this shape holding what this one holds (rows and positions that fit)."""
+        new = KVCache(config, batch_size, max_len, self.k.device, self.k.dtype)
+        b, n = min(batch_size, self.batch_size), min(max_len, self.max_len)
+        new.k[:b, :, :n].copy_(self.k[:b, :, :n])
+        new.v[:b, :, :n].copy_(self.v[:b, :, :n])
+        return new
+
+    def copy_rows(self, rows: torch.Tensor, source: KVCache) -> None:
+        """Rows `rows` (first positions) := all rows of `source`, in order."""
+        n = source.max_len
+        self.k[:, :, :n].index_copy_(0, rows, source.k)
+        self.v[:, :, :n].index_copy_(0, rows, source.v)
 
 
 class RMSNorm(nn.Module):

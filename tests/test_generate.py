@@ -18,6 +18,7 @@ from lifecycle_cli.checkpoint import load_model, save_checkpoint
 from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.generate import (
+    Engine,
     Generator,
     SamplingParams,
     TextStream,
@@ -118,6 +119,58 @@ def test_batched_rows_equal_generating_each_alone(family, hf_pair):
     assert [len(c.token_ids) for c in batch[:3]] == [15, 7, 15]
 
 
+def test_requests_joining_a_running_batch_in_scattered_slots_get_their_own_tokens(hf_pair):
+    """Continuous batching: new requests prefilled into free slots that are not side by side,
+    while other rows are mid-way, decode exactly as they would alone."""
+    _, model = hf_pair("gemma2")  # a sliding window: the cache positions must be right
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 96, (n,)).tolist() for n in (5, 9, 4, 7, 6, 6)]
+    alone = [Generator(model).generate(p, greedy(12)).token_ids for p in prompts]
+
+    engine = Engine(model, max_batch_size=4, raise_errors=True)
+    for key in range(4):
+        engine.submit(key, prompts[key], greedy(12))
+    done, steps = {}, 0
+    while engine.busy():
+        if steps == 3:  # free slots 0 and 2; two new requests take them together
+            assert engine.cancel(0) is not None and engine.cancel(2) is not None
+            engine.submit(4, prompts[4], greedy(12))
+            engine.submit(5, prompts[5], greedy(12))
+        for key, kind, payload in engine.step():
+            assert kind in ("piece", "done")
+            if kind == "done":
+                done[key] = payload
+        steps += 1
+    assert sorted(done) == [1, 3, 4, 5]
+    assert [done[k]["token_ids"] for k in (1, 3, 4, 5)] == [alone[k] for k in (1, 3, 4, 5)]
+    assert max(done[k]["batch"] for k in done) == 4
+
+
+def test_a_request_alone_in_a_high_slot_decodes_as_a_batch_of_one(hf_pair):
+    """A prompt that continues what slot 3 holds goes there (its prefix is reused), and then
+    decodes alone: the free slots below it do not ride along."""
+    _, model = hf_pair("llama")
+    engine = Engine(model, max_batch_size=4, raise_errors=True)
+    prompts = [[5 + i, 6, 7, 8, 9, 10] for i in range(4)]
+    for key, prompt in enumerate(prompts):
+        engine.submit(key, prompt, greedy(4))
+    done = {}
+    while engine.busy():
+        done.update((k, v) for k, kind, v in engine.step() if kind == "done")
+    later = prompts[3] + done[3]["token_ids"] + [11]
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(tuple(args[0].shape)))
+    try:
+        engine.submit("later", later, greedy(6))
+        while engine.busy():
+            done.update((k, v) for k, kind, v in engine.step() if kind == "done")
+    finally:
+        hook.remove()
+    assert rows[0] == (1, 2)  # the prefill fed only what slot 3 did not hold
+    assert set(rows[1:]) == {(1, 1)}
+    assert done["later"]["token_ids"] == full_forward_greedy(model, later, 6)
+
+
 def test_a_later_prompt_reuses_the_cached_prefix_and_gets_the_same_tokens(hf_pair):
     _, model = hf_pair("llama")
     gen = Generator(model)
@@ -146,6 +199,10 @@ def test_context_guard_names_the_lengths_and_max_new_tokens_is_clamped(hf_pair):
         gen.generate([3] * context, greedy(4))
     done = gen.generate([3] * (context - 3), greedy(50))
     assert len(done.token_ids) == 3 and done.finish_reason == "length"
+    # One prompt of a batch too long: the call fails and leaves the generator as it was.
+    with pytest.raises(UserError, match="prompt 2 is 70 tokens"):
+        gen.generate_batch([[3, 4], list(range(3, 73))], greedy(4))
+    assert gen.generate([5, 6], greedy(8)).token_ids == full_forward_greedy(model, [5, 6], 8)
 
 
 def test_compiled_decoding_gives_the_eager_tokens(hf_pair):
@@ -389,6 +446,27 @@ def test_cli_generate_prompt_longer_than_context_is_one_line_exit_2(tiny_checkpo
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "context is 64 tokens" in proc.stderr and "the prompt is" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "verb, flag, value, words",
+    [
+        ("generate", "--top_p", "0", "(0, 1]"),
+        ("generate", "--min_p", "1.5", "[0, 1)"),
+        ("generate", "--repetition_penalty", "0", "> 0"),
+        ("chat", "--max_new_tokens", "0", "at least 1"),
+        ("chat", "--temperature", "-1", ">= 0"),
+    ],
+)
+def test_cli_bad_sampling_flag_is_one_line_naming_it_exit_2(
+    tiny_checkpoint, verb, flag, value, words
+):
+    args = ["--prompt", "x"] if verb == "generate" else []
+    proc = llmcycle(verb, tiny_checkpoint, *args, flag, value)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert flag in proc.stderr and words in proc.stderr
     assert proc.stdout == ""
 
 

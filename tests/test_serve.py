@@ -223,6 +223,69 @@ def test_seeded_sampling_repeats_and_stop_strings_end_the_text(server):
     assert out.choices[0].text == greedy[: greedy.index(stop)]
 
 
+def test_min_p_and_repetition_penalty_are_honoured_as_the_cli_applies_them(server, llm):
+    c = client(server)
+    kw = dict(model="ckpt", prompt="The class", max_tokens=24)
+
+    def served(**extra) -> str:
+        return c.completions.create(**kw, **extra).choices[0].text
+
+    # Greedy, with and without a penalty on repeated tokens: the server's text is the local
+    # library's for the same settings, and the penalty changes it.
+    plain = llm.generate("The class", max_new_tokens=24, temperature=0)
+    penalised = llm.generate("The class", max_new_tokens=24, temperature=0, repetition_penalty=4.0)
+    assert penalised != plain
+    assert served(temperature=0, extra_body={"repetition_penalty": 4.0}) == penalised
+    body = {"prompt": "The class", "max_new_tokens": 24, "temperature": 0}
+    _, out, _ = call(f"{server.url}/predict", {**body, "repetition_penalty": 4.0})
+    assert out == {"output": penalised}
+
+    # Seeded sampling with and without a min_p floor.
+    sampled = dict(max_new_tokens=24, temperature=1.0, top_k=None, seed=3)
+    floored = llm.generate("The class", min_p=0.9, **sampled)
+    assert floored != llm.generate("The class", **sampled)
+    assert served(temperature=1.0, seed=3, extra_body={"min_p": 0.9}) == floored
+
+
+REFUSED = [
+    # (route, extra request fields, the field named)
+    ("completions", {"n": 2}, "n"),
+    ("completions", {"logprobs": 2}, "logprobs"),
+    ("completions", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("completions", {"extra_body": {"min_p": 1.5}}, "min_p"),
+    ("completions", {"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ("completions", {"extra_body": {"top_k": 0}}, "top_k"),
+    ("completions", {"seed": -1}, "seed"),
+    ("chat", {"n": 3}, "n"),
+    ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"frequency_penalty": 1.0}, "frequency_penalty"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"temperature": -0.5}, "temperature"),
+]
+
+
+@pytest.mark.parametrize("route, extra, field", REFUSED)
+def test_openai_fields_it_cannot_honour_are_refused_naming_the_field(server, route, extra, field):
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as refused:
+        if route == "chat":
+            c.chat.completions.create(model="ckpt", messages=USER, max_tokens=4, **extra)
+        else:
+            c.completions.create(model="ckpt", prompt="x", max_tokens=4, **extra)
+    assert refused.value.status_code == 400 and refused.value.param == field
+    assert field in refused.value.message
+    assert server.healthy()
+
+
+def test_text_response_format_logprobs_off_and_zero_penalties_are_accepted(server):
+    out = client(server).chat.completions.create(
+        model="ckpt", messages=USER, max_tokens=3, temperature=0, n=1, logprobs=False,
+        presence_penalty=0, frequency_penalty=0, response_format={"type": "text"},
+    )  # fmt: skip
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+
+
 def test_predict_has_litgpt_shape(server, llm):
     expected = llm.generate("The class", max_new_tokens=12, temperature=0)
     body = {"prompt": "The class", "max_new_tokens": 12, "temperature": 0}

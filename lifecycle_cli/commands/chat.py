@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
+
+from lifecycle_cli.generate.options import from_flags, sampling_flags
 
 FENCE = '"""'
 HELP = (
@@ -14,21 +16,15 @@ HELP = (
 )
 
 
+@sampling_flags
 def chat(
     checkpoint_dir: Path,
-    max_new_tokens: int = 256,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 50,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: Optional[int] = None,
-    stop: Union[list[str], str] = (),
     prompt_style: str = "auto",
     system: Optional[str] = None,
     precision: Optional[str] = None,
     device: str = "auto",
     compile: bool = False,
+    **sampling: Any,
 ) -> None:
     """Chat with a model in the terminal. The whole conversation is the prompt of each reply
     (the oldest exchanges are dropped when it would not fit the context).
@@ -39,15 +35,7 @@ def chat(
 
     Args:
         checkpoint_dir: The checkpoint folder (with its tokenizer).
-        max_new_tokens: At most this many tokens per reply.
-        temperature: Sampling temperature; 0 picks the most likely token every time (greedy).
-        top_k: Sample only among the k most likely tokens (null: all).
-        top_p: Sample only among the most likely tokens that together hold this probability.
-        min_p: Drop tokens less likely than min_p times the most likely one (0: off).
-        repetition_penalty: Above 1, tokens already in the conversation become less likely.
-        seed: Random seed, for replies that repeat run after run.
-        stop: A string (or a list, `--stop '["a", "b"]'`) that ends a reply, besides the
-            prompt style's own end-of-turn markers. `\\n` and `\\t` stand for newline and tab.
+        {sampling}
         prompt_style: How the conversation is formatted. `auto`: the style saved with a
             finetuned checkpoint (prompt_style.yaml), else the tokenizer's chat template, else
             plain. Or one of: chat_template, alpaca, chatml, llama3, llama2, mistral, phi3,
@@ -60,17 +48,11 @@ def chat(
             reply, faster after).
     """
     from lifecycle_cli.api import load_for_inference
-    from lifecycle_cli.generate import SamplingParams, unescape
 
-    stops = tuple(unescape(s) for s in ([stop] if isinstance(stop, str) else stop) if s)
-    sampling = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-    )  # fmt: skip
-    SamplingParams(**sampling)  # bad values fail before the model loads
+    params = from_flags(sampling)  # bad values fail here, before the model loads
     llm = load_for_inference(checkpoint_dir, device, precision)
     style = llm.prompt_style(prompt_style, default="chat")
-    params = SamplingParams(stop=stops + style.stop, **sampling)
+    params = params.replace(stop=params.stop + style.stop)
     session = ChatSession(llm.generator(compile=compile), llm.tokenizer, style, params, system)
     print(
         f"Now chatting with {Path(checkpoint_dir).name} ({style.name} prompt style).",

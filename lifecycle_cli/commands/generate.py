@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional
+
+from lifecycle_cli.generate.options import from_flags, sampling_flags
 
 
+@sampling_flags
 def generate(
     checkpoint_dir: Path,
     prompt: str,
-    max_new_tokens: int = 256,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 50,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: Optional[int] = None,
-    stop: Union[list[str], str] = (),
     prompt_style: str = "auto",
     system: Optional[str] = None,
     precision: Optional[str] = None,
     device: str = "auto",
     compile: bool = False,
+    **sampling: Any,
 ) -> None:
     """Generate a completion of a prompt and print it as it is generated.
 
@@ -31,15 +27,7 @@ def generate(
     Args:
         checkpoint_dir: The checkpoint folder (with its tokenizer).
         prompt: The text to continue.
-        max_new_tokens: At most this many new tokens (fewer if the context runs out).
-        temperature: Sampling temperature; 0 picks the most likely token every time (greedy).
-        top_k: Sample only among the k most likely tokens (null: all).
-        top_p: Sample only among the most likely tokens that together hold this probability.
-        min_p: Drop tokens less likely than min_p times the most likely one (0: off).
-        repetition_penalty: Above 1, tokens already in the prompt or output become less likely.
-        seed: Random seed, for output that repeats run after run (unset: different each run).
-        stop: A string (or a list, `--stop '["a", "b"]'`) that ends the output; it is not
-            printed. `\\n` and `\\t` stand for newline and tab.
+        {sampling}
         prompt_style: How the prompt is formatted. `auto`: the style saved with a finetuned
             checkpoint (prompt_style.yaml), else the prompt exactly as given (a completion).
             `chat_template` (the tokenizer's own template) or alpaca, chatml, llama3, llama2,
@@ -52,18 +40,13 @@ def generate(
             seconds of compiling. Pays off for long outputs.
     """
     from lifecycle_cli.api import load_for_inference
-    from lifecycle_cli.generate import SamplingParams, format_stats, unescape
+    from lifecycle_cli.generate import format_stats
 
-    stops = tuple(unescape(s) for s in ([stop] if isinstance(stop, str) else stop) if s)
-    params = dict(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-    )  # fmt: skip
-    SamplingParams(**params)  # bad values fail before the model loads
+    params = from_flags(sampling)  # bad values fail here, before the model loads
     llm = load_for_inference(checkpoint_dir, device, precision)
     ids, style_stops = llm.prepare_prompt(prompt, prompt_style, system)
-    gen = llm.generator(compile=compile)
-    stream = gen.stream(ids, SamplingParams(stop=stops + style_stops, **params))
+    params = params.replace(stop=params.stop + style_stops)
+    stream = llm.generator(compile=compile).stream(ids, params)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
