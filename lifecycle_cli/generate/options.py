@@ -174,6 +174,8 @@ def sampling_flags(verb: Verb) -> Verb:
         for name, t, _ in FLAGS
     ]
     verb.__signature__ = signature.replace(parameters=own + extra)
+    # typing.get_type_hints reads __annotations__, not the signature.
+    verb.__annotations__ = {**verb.__annotations__, **{name: t for name, t, _ in FLAGS}}
     doc = verb.__doc__ or ""
     at = doc.find("{sampling}")
     if at >= 0:  # the help, indented as the placeholder is
