@@ -97,13 +97,16 @@ class Server:
     """`llmcycle serve <checkpoint> <args>` in its own process group (as a shell starts it),
     its output in `log`; ready once /health answers."""
 
-    def __init__(self, checkpoint: Path | str, log: Path, *args: str, cwd: Path = REPO) -> None:
+    def __init__(
+        self, checkpoint: Path | str, log: Path, *args: str, cwd: Path = REPO,
+        env: Optional[dict] = None,
+    ) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "lifecycle_cli", "serve", str(checkpoint),
                "--port", str(self.port), *args]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
@@ -132,9 +135,10 @@ class Server:
             return False
         return True
 
-    def stop(self, sig: int = signal.SIGTERM, group: bool = False, timeout: float = 15) -> None:
+    def stop(self, sig: int = signal.SIGTERM, group: bool = False, timeout: float = 15) -> float:
         """Send `sig` to the main process (what a process manager does) or, with `group`, to
-        every process of the group (what Ctrl+C in a terminal does); wait until all are gone."""
+        every process of the group (what Ctrl+C in a terminal does); wait until all are gone.
+        Returns the seconds that took."""
         start = time.monotonic()
         if self.proc.poll() is None:
             if group:
@@ -143,12 +147,14 @@ class Server:
                 self.proc.send_signal(sig)
         while self.group_alive() and time.monotonic() - start < timeout:
             time.sleep(0.05)
+        took = time.monotonic() - start
         if self.group_alive():  # leave nothing behind, then fail
             os.killpg(self.proc.pid, signal.SIGKILL)
             raise AssertionError(
                 f"processes still alive {timeout} s after {sig!r}:\n{self.output()}"
             )
         self.proc.wait(5)
+        return took
 
     def call(self, path: str, body=None, key: Optional[str] = None, timeout: float = 60):
         """(status, JSON body, headers) of one request; `body` bytes are sent as they are."""

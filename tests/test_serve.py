@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from pydoc_data.topics import topics
 import openai
 import pytest
 import torch
+from served import Server, port_is_free
 
 from lifecycle_cli import LLM
 from lifecycle_cli.checkpoint import save_checkpoint
@@ -55,76 +54,6 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def llm(checkpoint) -> LLM:
     return LLM.load(checkpoint)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-class Server:
-    """`llmcycle serve` in its own process group, its output in a file."""
-
-    def __init__(self, checkpoint: Path, log: Path, *args: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "lifecycle_cli", "serve", str(checkpoint),
-               "--port", str(self.port), *args]  # fmt: skip
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **(env or {})},
-            )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not self.healthy():
-            assert self.proc.poll() is None, f"server exited:\n{self.output()}"
-            assert time.monotonic() < deadline, f"server not healthy in 60 s:\n{self.output()}"
-            time.sleep(0.1)
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def group_alive(self) -> bool:
-        self.proc.poll()  # reap the main process: a zombie still counts as a group member
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def stop(self, timeout: float = 15) -> float:
-        """SIGTERM to the main process only (what a process manager sends); the seconds until
-        every process of the group is gone."""
-        start = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        while self.group_alive() and time.monotonic() - start < timeout:
-            time.sleep(0.05)
-        took = time.monotonic() - start
-        if self.group_alive():  # leave nothing behind, then fail
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            pytest.fail(f"process group still alive {timeout} s after SIGTERM:\n{self.output()}")
-        self.proc.wait(5)
-        return took
 
 
 @pytest.fixture(scope="module")
