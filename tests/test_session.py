@@ -3,6 +3,7 @@ clipping, weight decay), tested once below the verbs."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -12,12 +13,14 @@ import torch.nn as nn
 from lifecycle_cli.commands.finetune import finetune
 from lifecycle_cli.commands.pretrain import pretrain
 from lifecycle_cli.model import GPT, RMSNorm
-from lifecycle_cli.train.args import RUN_FLAGS, EvalArgs, TrainArgs
+from lifecycle_cli.train.args import EvalArgs, TrainArgs
 from lifecycle_cli.train.fabric import make_optimizer
 from lifecycle_cli.train.logs import read_metrics
+from lifecycle_cli.train.session import RunFlags
 from lifecycle_cli.zoo import named_config
 
 VERBS = [pretrain, finetune]
+RUN_FLAGS = [f.name for f in dataclasses.fields(RunFlags)]
 
 
 def help_of(verb) -> dict[str, str]:

@@ -102,10 +102,6 @@ Resume = Union[bool, Literal["auto"], Path]
 Devices = Union[int, str]
 StrategyName = Literal["auto", "ddp", "fsdp"]
 LoggerName = Literal["csv", "tensorboard"]
-RUN_FLAGS = (
-    "resume", "devices", "num_nodes", "strategy", "precision", "logger", "seed", "compile",
-    "activation_checkpointing",
-)  # fmt: skip
 
 RUN_FLAGS_HELP = """
         resume: `auto` continues from the newest step folder in out_dir (or starts fresh if there

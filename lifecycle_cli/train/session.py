@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from lifecycle_cli.errors import UserError
 from lifecycle_cli.train.args import (
-    RUN_FLAGS,
     Devices,
     EvalArgs,
     LoggerName,
@@ -50,7 +49,7 @@ class RunFlags:
     @classmethod
     def pick(cls, flags: dict[str, Any]) -> RunFlags:
         """The run flags out of a verb's `locals()`."""
-        return cls(**{name: flags[name] for name in RUN_FLAGS})
+        return cls(**{f.name: flags[f.name] for f in dataclasses.fields(cls)})
 
 
 class Task(Protocol):
