@@ -8,7 +8,15 @@ from collections import Counter
 import pytest
 
 from lifecycle_cli.data.instruct import InstructData, load_examples
-from lifecycle_cli.data.synthetic import TASKS, exact_match, make_examples, parse_tasks
+from lifecycle_cli.data.synthetic import (
+    HELD_OUT,
+    MONTHS,
+    TASKS,
+    TUNING,
+    exact_match,
+    make_examples,
+    parse_tasks,
+)
 from lifecycle_cli.errors import UserError
 
 
@@ -38,6 +46,23 @@ def check_next(instruction: str, output: str) -> bool:
     return len(terms) in (3, 4) and step != 0 and answer == terms[-1] + step and answer <= 99
 
 
+def check_count(instruction: str, output: str) -> bool:
+    head, word = instruction.split(": ")
+    (c,) = head.removeprefix("count ")
+    return int(output) == word.split(" ").count(c)
+
+
+def check_date(instruction: str, output: str) -> bool:
+    y, m, d = (int(x) for x in operands(instruction, "date").split("-"))
+    return output == f"{d} {MONTHS.split()[m - 1]} {y}"
+
+
+def check_lookup(instruction: str, output: str) -> bool:
+    head, table = instruction.split(": ")
+    pairs = dict(item.split(" = ") for item in table.split(", "))
+    return 3 <= len(pairs) <= 5 and pairs[head.removeprefix("lookup ")] == output
+
+
 # An independent check of every task's answer (a new task without one fails the test below).
 CHECKS = {
     "copy": lambda i, o: o.split(" ") == letters(i, "copy"),
@@ -54,7 +79,24 @@ CHECKS = {
     "next": check_next,
     "length": lambda i, o: int(o) == len(letters(i, "length", 3, 9)),
     "max": lambda i, o: int(o) == max(int(d) for d in operands(i, "max").split(" ")),
+    "count": check_count,
+    "date": check_date,
+    "rotate": lambda i, o: (w := letters(i, "rotate", 4, 6)) and o.split(" ") == w[1:] + w[:1],
+    "flip": lambda i, o: o.split(" ")[::-1] == operands(i, "flip").split(" ") and " " in o,
+    "sub": lambda i, o: (
+        number(operands(i, "sub").split("-")[0]) - number(operands(i, "sub").split("-")[1])
+        == number(o)
+    ),
+    "lookup": check_lookup,
 }
+
+
+def test_tuning_and_held_out_tasks_split_the_tasks():
+    assert not set(TUNING) & set(HELD_OUT)
+    assert set(TUNING) | set(HELD_OUT) == set(TASKS)
+    assert len(TUNING) >= 6 and len(HELD_OUT) >= 4
+    assert parse_tasks("held_out") == list(HELD_OUT)
+    assert parse_tasks("tuning,rotate") == [*TUNING, "rotate"]
 
 
 def test_every_answer_is_right():

@@ -1,10 +1,14 @@
 """Synthetic tasks whose answers can be checked exactly: finetuning made measurable in minutes.
 
-Each task writes a short instruction with its operands and an answer, one character per
-"word" ("reverse: c a t" -> "t a c", "add: 1 7 + 2 5" -> "4 2", "next: 1 2, 1 5, 1 8" -> "2 1"):
-a byte-level BPE then gives each letter or digit a token of its own (" a", " 7"), so a tiny
-model never has to spell out the inside of a merged token. The `input` field of the Alpaca
-records is left empty, so every prompt style renders a task the same way.
+Each task writes a short instruction with its operands and an answer. Most put one character
+per "word" ("reverse: c a t" -> "t a c", "add: 1 7 + 2 5" -> "4 2"): a byte-level BPE then gives
+each letter or digit a token of its own (" a", " 7"). Two do not (`date`, `flip`): their words
+are split however the tokenizer merges them, as a user's own text would be. The `input` field of
+the Alpaca records is left empty, so every prompt style renders a task the same way.
+
+The tasks are split in two. Recipes (`config_hub/finetune/`) are chosen on `TUNING` only;
+`HELD_OUT` (one task of each kind: rearranging characters, rearranging unspaced words,
+arithmetic, lookup) measures whether a recipe learns a task it was not chosen on.
 
 `make_examples` draws a task's validation examples first and its training examples after them,
 from a random stream of its own (seeded by the seed and the task's name): the validation set
@@ -102,6 +106,56 @@ def _max(rng: random.Random) -> Example:
     return f"max: {spaced(digits)}", "", str(max(digits))
 
 
+def _count(rng: random.Random) -> Example:
+    # A small alphabet so that counts from 0 to 8 all occur.
+    w = "".join(rng.choice("abcde") for _ in range(rng.randint(5, 8)))
+    c = rng.choice("abcde")
+    return f"count {c}: {spaced(w)}", "", str(w.count(c))
+
+
+MONTHS = "january february march april may june july august september october november december"
+
+
+def _date(rng: random.Random) -> Example:
+    y, m, d = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+    return f"date: {y}-{m:02d}-{d:02d}", "", f"{d} {MONTHS.split()[m - 1]} {y}"
+
+
+def _rotate(rng: random.Random) -> Example:
+    w = _word(rng, 4, 6)
+    return f"rotate: {spaced(w)}", "", spaced(w[1:] + w[0])
+
+
+def _flip(rng: random.Random) -> Example:
+    words = [_word(rng) for _ in range(3)]
+    return f"flip: {' '.join(words)}", "", " ".join(words[::-1])
+
+
+def _sub(rng: random.Random) -> Example:
+    a = rng.randint(0, 99)
+    b = rng.randint(0, a)
+    return f"sub: {spaced(str(a))} - {spaced(str(b))}", "", spaced(str(a - b))
+
+
+def _lookup(rng: random.Random) -> Example:
+    keys = rng.sample(LETTERS, rng.randint(3, 5))
+    values = [rng.randint(0, 9) for _ in keys]
+    k = rng.randrange(len(keys))
+    table = ", ".join(f"{key} = {v}" for key, v in zip(keys, values))
+    return f"lookup {keys[k]}: {table}", "", str(values[k])
+
+
+def _lookups() -> int:
+    # ordered distinct keys, a digit each, one key asked
+    total = 0
+    for k in range(3, 6):
+        perms = 1
+        for i in range(k):
+            perms *= len(LETTERS) - i
+        total += perms * 10**k * k
+    return total
+
+
 @dataclass(frozen=True)
 class Task:
     """A synthetic task: `task(rng)` -> (instruction, input, output); `size`: how many distinct
@@ -127,30 +181,47 @@ TASKS: dict[str, Task] = {
         Task("next", _next, len(_NEXT), "the next number of an arithmetic sequence"),
         Task("length", _length, _words(3, 9), "how many letters a 3-9 letter word has"),
         Task("max", _max, 10**3 + 10**4 + 10**5, "the largest of 3-5 digits"),
+        Task("count", _count, 5 * sum(5**k for k in range(5, 9)), "how often a letter occurs"),
+        Task("date", _date, 100 * 12 * 28, "an ISO date written out: 5 march 2024 (unspaced)"),
+        Task("rotate", _rotate, _words(4, 6), "a 4-6 letter word, first letter moved to the end"),
+        Task("flip", _flip, _words(3, 5) ** 3, "three unspaced words in reverse order"),
+        Task("sub", _sub, 100 * 101 // 2, "the difference of two numbers 0-99, never negative"),
+        Task("lookup", _lookup, _lookups(), "the value of one key in a table of 3-5 keys"),
     )
 }
 
+TUNING: tuple[str, ...] = (
+    "copy", "reverse", "upper", "sort", "add", "next", "length", "max", "count", "date"
+)  # fmt: skip
+"""Tasks recipes may be chosen on."""
+HELD_OUT: tuple[str, ...] = ("rotate", "flip", "sub", "lookup")
+"""Tasks no recipe was chosen on: what a recipe reaches on them is what a user can expect."""
+GROUPS = {"all": tuple(TASKS), "tuning": TUNING, "held_out": HELD_OUT}
+
 
 def parse_tasks(spec: str | Sequence[str]) -> list[str]:
-    """Task names from 'reverse,add' (or a list); 'all' is every task. Order kept, repeats
-    dropped; an unknown name is a UserError listing the tasks."""
+    """Task names from 'reverse,add' (or a list); 'all', 'tuning' and 'held_out' name groups.
+    Order kept, repeats dropped; an unknown name is a UserError listing the tasks."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for raw in names:
         name = str(raw).strip().lower()
         if not name:
             continue
-        if name == "all":
-            out += [n for n in TASKS if n not in out]
+        if name in GROUPS:
+            out += [n for n in GROUPS[name] if n not in out]
             continue
         if name not in TASKS:
             raise UserError(
-                f"unknown synthetic task {name!r} (choose from {', '.join(TASKS)}, or all)"
+                f"unknown synthetic task {name!r} (choose from {', '.join(TASKS)}, "
+                f"or a group: {', '.join(GROUPS)})"
             )
         if name not in out:
             out.append(name)
     if not out:
-        raise UserError(f"no synthetic task named (choose from {', '.join(TASKS)}, or all)")
+        raise UserError(
+            f"no synthetic task named (choose from {', '.join(TASKS)}, or {', '.join(GROUPS)})"
+        )
     return out
 
 
@@ -223,7 +294,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Write synthetic task examples as train.jsonl and val.jsonl (Alpaca records).",
         epilog="tasks: " + "; ".join(f"{t.name}: {t.about}" for t in TASKS.values()),
     )
-    parser.add_argument("--tasks", required=True, help="comma-separated task names, or all")
+    parser.add_argument(
+        "--tasks", required=True, help="comma-separated task names, or all, tuning, held_out"
+    )
     parser.add_argument("--n_train", type=int, default=2000, help="training examples per task")
     parser.add_argument("--n_val", type=int, default=100, help="validation examples per task")
     parser.add_argument("--seed", type=int, default=42)
