@@ -1,9 +1,10 @@
 """A small stand-in for the Hugging Face Hub on 127.0.0.1, for the real `huggingface_hub` client.
 
-It serves folders on disk as model repos through the routes `snapshot_download` and
+It serves folders on disk as model (or data set) repos through the routes `snapshot_download` and
 `hf_hub_download` call: model info (`/api/models/{repo}[/revision/{rev}]`), the tree listing
 (`/api/models/{repo}/tree/{rev}`), and `HEAD`/`GET /{repo}/resolve/{rev}/{path}` with `ETag`,
-`X-Repo-Commit`, `Content-Length` and byte ranges. A repo may hold several revisions (branches
+`X-Repo-Commit`, `Content-Length` and byte ranges (for data sets, `/api/datasets/...` and
+`/datasets/{repo}/resolve/...`). A repo may hold several revisions (branches
 or tags, each its own folder and commit sha; "main" is the default), asked for by name or sha.
 Unknown repos answer 404 with `X-Error-Code: RepoNotFound`, unknown revisions with
 `RevisionNotFound`; a gated repo's files answer 401 (`X-Error-Code: GatedRepo`) unless the request
@@ -61,10 +62,18 @@ class FakeHub:
     breakages: list[Breakage] = field(default_factory=list)
 
     def add_repo(
-        self, repo_id: str, folder: Path, token: Optional[str] = None, revision: str = "main"
+        self,
+        repo_id: str,
+        folder: Path,
+        token: Optional[str] = None,
+        revision: str = "main",
+        repo_type: str = "model",
     ) -> str:
-        """Serve every file under `folder` as `revision` of `repo_id`; with `token`, the repo is
-        gated. Returns the commit sha it is served at."""
+        """Serve every file under `folder` as `revision` of `repo_id` (a model repo, or with
+        `repo_type="dataset"` a data set repo); with `token`, the repo is gated. Returns the
+        commit sha it is served at."""
+        if repo_type == "dataset":  # the Hub's URLs name data set repos datasets/org/name
+            repo_id = f"datasets/{repo_id}"
         files, commit = {}, hashlib.sha1(f"{repo_id}@{revision}".encode())
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
             data = path.read_bytes()
@@ -116,6 +125,10 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+# The info and tree routes of each repo type -> the prefix of its repos' keys in FakeHub.repos.
+API_ROUTES = {"/api/models/": "", "/api/datasets/": "datasets/"}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     fake: FakeHub
@@ -137,8 +150,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake.requests.append(
             Request(self.command, path, {k.lower(): v for k, v in self.headers.items()})
         )
-        if path.startswith("/api/models/"):
-            repo_id, rest = self._split_repo(path[len("/api/models/") :])
+        api = next((a for a in API_ROUTES if path.startswith(a)), None)
+        if api is not None:
+            repo_id, rest = self._split_repo(API_ROUTES[api] + path[len(api) :])
             if repo_id is None:
                 return self._repo_not_found()
             if m := re.fullmatch(r"(?:/revision/([^/]+))?", rest):
@@ -191,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _info(self, repo_id: str, repo: Repo) -> dict:
         return {
-            "id": repo_id,
+            "id": repo_id.removeprefix("datasets/"),
             "modelId": repo_id,
             "sha": repo.sha,
             "private": False,

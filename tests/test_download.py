@@ -401,3 +401,56 @@ def test_round_trip_through_download_and_convert_to_hf(family, tmp_path, tokeniz
     assert after.apply_chat_template(chat, add_generation_prompt=True) == (
         before.apply_chat_template(chat, add_generation_prompt=True)
     )
+
+
+@pytest.fixture(scope="module")
+def data_hub(tmp_path_factory):
+    """A fake Hub serving the data set org/texts: JSONL shards of two splits, a text file, and
+    files a data set repo holds that are not data."""
+    root = tmp_path_factory.mktemp("datasets") / "texts"
+    (root / "data").mkdir(parents=True)
+    for split, n in (("train", 3), ("test", 1)):
+        rows = [{"text": f"{split} document {i}"} for i in range(n)]
+        (root / "data" / f"{split}-00000.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows)
+        )
+    (root / "extra.txt").write_text("a plain text document\n")
+    (root / "README.md").write_text("# texts\n")
+    (root / ".gitattributes").write_text("*.jsonl filter=lfs\n")
+    with FakeHub() as fake:
+        fake.add_repo("org/texts", root, repo_type="dataset")
+        yield fake
+
+
+def test_download_dataset_gives_a_folder_that_data_path_reads(data_hub, tmp_path):
+    from lifecycle_cli.data.readers import iter_texts, resolve_files
+
+    proc = llmcycle("download", "--dataset", "org/texts", cwd=tmp_path, endpoint=data_hub.url)
+    assert proc.returncode == 0, proc.stderr
+    folder = Path(proc.stdout.split("--data.path ")[1].strip())
+    assert folder.is_relative_to(tmp_path / "hf_home") and "datasets--org--texts" in str(folder)
+    texts = sorted(iter_texts(resolve_files(folder)))
+    assert texts == sorted(
+        ["a plain text document\n", "test document 0"] + [f"train document {i}" for i in range(3)]
+    )
+    assert not (folder / "README.md").exists() and not (folder / ".gitattributes").exists()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_download_dataset_files_and_errors(data_hub, tmp_path):
+    from lifecycle_cli.zoo.hub import fetch_dataset
+
+    folder = fetch_dataset(
+        "org/texts", files=["data/train-*"], endpoint=data_hub.url, cache_dir=tmp_path
+    )
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.*")) == [
+        "data/train-00000.jsonl"
+    ]
+    with pytest.raises(UserError, match="repo org/nothing not found on http://127.0.0.1:"):
+        fetch_dataset("org/nothing", endpoint=data_hub.url, cache_dir=tmp_path)
+    with pytest.raises(UserError, match=r"data set org/texts has no \*\.csv files .*--files GLOB"):
+        fetch_dataset("org/texts", files=["*.csv"], endpoint=data_hub.url, cache_dir=tmp_path)
+    with pytest.raises(UserError, match="give a model \\(org/tiny\\) or --dataset org/texts"):
+        download("org/tiny", dataset="org/texts")
+    with pytest.raises(UserError, match="--files applies to --dataset downloads"):
+        download("org/tiny", files=["*.txt"])

@@ -13,14 +13,18 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def download(
-    repo_id: str,
+    repo_id: Optional[str] = None,
     checkpoint_dir: Path = Path("checkpoints"),
     revision: Optional[str] = None,
     access_token: Optional[str] = None,
     from_dir: Optional[Path] = None,
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None,
+    dataset: Optional[str] = None,
+    files: Optional[list[str]] = None,
 ) -> None:
-    """Get a model into a checkpoint folder, <checkpoint_dir>/<repo_id>.
+    """Get a model into a checkpoint folder, <checkpoint_dir>/<repo_id>; or, with
+    `--dataset org/name`, a data set's files into the Hugging Face cache (the folder printed
+    is what `--data.path` takes).
 
     The Hugging Face download (config, safetensors weights, tokenizer files) goes to
     huggingface_hub's cache (under $HF_HOME), so an interrupted download resumes when the
@@ -36,7 +40,19 @@ def download(
         from_dir: Convert this local Hugging Face folder (config.json, safetensors, tokenizer
             files) instead of downloading.
         dtype: Store the weights as float32, float16 or bfloat16 (default: as published).
+        dataset: A Hugging Face data set repo, `org/name`, to download instead of a model: its
+            parquet, JSON(L), text, CSV and TSV files.
+        files: With --dataset, only the files matching these globs (`data/train-*`).
     """
+    if dataset is not None:
+        download_dataset(dataset, repo_id, revision, access_token, files)
+        return
+    if files is not None:
+        raise UserError("--files applies to --dataset downloads")
+    if repo_id is None:
+        raise UserError(
+            "name a model (llmcycle download org/name), a data set (--dataset org/name), or list"
+        )
     if repo_id == "list":
         print_model_table()
         return
@@ -63,6 +79,24 @@ def download(
         raise
     source = repo_id if from_dir is None else str(from_dir)
     print(f"Converted {source} ({config.hf_model_type}) into {out_dir}")
+
+
+def download_dataset(
+    dataset: str,
+    repo_id: Optional[str],
+    revision: Optional[str],
+    access_token: Optional[str],
+    files: Optional[list[str]],
+) -> None:
+    if repo_id is not None:
+        raise UserError(f"give a model ({repo_id}) or --dataset {dataset}, not both")
+    from lifecycle_cli.zoo.hub import fetch_dataset
+
+    token = access_token or os.environ.get("HF_TOKEN") or None
+    folder = fetch_dataset(checked_repo_id(dataset), revision=revision, token=token, files=files)
+    count = sum(1 for p in folder.rglob("*") if p.is_file())
+    print(f"Downloaded {count} file(s) of the data set {dataset} into {folder}")
+    print(f"Train on them with --data.path {folder}")
 
 
 def checked_repo_id(repo_id: str) -> str:

@@ -16,6 +16,7 @@ import glob
 import json
 import sys
 from collections.abc import Callable
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -84,6 +85,53 @@ def fetch(
     config_from_hf(_read_json(get("config.json")), repo_id)
     wanted = [glob.escape(name) for name in needed_files(files, get, repo_id)]
     folder = hub.call(snapshot_download, allow_patterns=wanted, cache_dir=cache_dir, **common)
+    return Path(folder)
+
+
+DATA_FILES = ("*.parquet", "*.jsonl", "*.json", "*.txt", "*.csv", "*.tsv")
+"""What `fetch_dataset` downloads of a data set repo by default: the files `--data.path` reads."""
+
+
+def fetch_dataset(
+    repo_id: str,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    files: Optional[list[str]] = None,
+    endpoint: Optional[str] = None,
+    cache_dir: Optional[Path] = None,
+) -> Path:
+    """Download the data files of the data set repo `repo_id` (those matching the globs
+    `files`, default `DATA_FILES` anywhere in the repo) into huggingface_hub's cache; the
+    snapshot folder. A rerun fetches only what is missing; offline, a complete earlier
+    download is used."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    hub = _Hub(repo_id, revision, endpoint)
+    patterns = list(files) if files else [f"**{p}" for p in DATA_FILES] + list(DATA_FILES)
+    common = dict(repo_id=repo_id, revision=revision, repo_type="dataset", cache_dir=cache_dir)
+    if constants.HF_HUB_OFFLINE:
+        try:
+            folder = snapshot_download(allow_patterns=patterns, local_files_only=True, **common)
+        except Exception:
+            raise UserError(
+                f"HF_HUB_OFFLINE is set and the Hugging Face cache holds no download of the "
+                f"data set {repo_id}; unset it to download"
+            ) from None
+        return Path(folder)
+    api = HfApi(endpoint=endpoint, token=token)
+    info = hub.call(api.dataset_info, repo_id=repo_id, revision=revision)
+    hub.reached = True
+    names = {s.rfilename for s in info.siblings or []}
+    matching = [n for n in names if any(fnmatch(n, p) for p in patterns)]
+    if names and not matching:
+        wanted = ", ".join(files) if files else "parquet, JSON, JSONL, text, CSV or TSV"
+        raise UserError(
+            f"data set {repo_id} has no {wanted} files (its files: "
+            f"{', '.join(sorted(names)[:8])}); name others with --files GLOB"
+        )
+    folder = hub.call(
+        snapshot_download, allow_patterns=patterns, token=token, endpoint=endpoint, **common
+    )
     return Path(folder)
 
 
