@@ -116,12 +116,12 @@ def test_memory_per_billion_parameters_matches_the_lecture():
     assert P.memory(config, "32-true", 4, 2048)["activations"] == 4 * fp32["activations"]
 
 
-@pytest.mark.parametrize("name", ["SmolLM2-135M", "gpt2"])
-def test_activation_estimate_is_close_to_what_autograd_keeps(name):
+@pytest.mark.parametrize("name, groups", [("SmolLM2-135M", 2), ("gpt2", 4)])
+def test_activation_estimate_is_close_to_what_autograd_keeps(name, groups):
     from lifecycle_cli.model import GPT
     from lifecycle_cli.objectives import next_token_loss
 
-    config = named_config(name, n_layer=2, n_embd=128, n_head=4, n_query_groups=None,
+    config = named_config(name, n_layer=2, n_embd=128, n_head=4, n_query_groups=groups,
                           intermediate_size=384, vocab_size=1024)  # fmt: skip
     model = GPT(config)
     batch_size, seq = 2, 64
