@@ -74,6 +74,7 @@ def pretrain(
     from lifecycle_cli.train.tasks.pretrain import PretrainTask
 
     task = PretrainTask(
-        model_name, model_config, initial_checkpoint_dir, tokenizer_dir, tokenizer, data, out_dir
-    )
+        model_name, model_config, initial_checkpoint_dir, tokenizer_dir, tokenizer, data, out_dir,
+        train,
+    )  # fmt: skip
     run_session(task, out_dir, train, eval, RunFlags.pick(flags), flags)
