@@ -70,6 +70,18 @@ def test_quotas_follow_the_weights():
     assert quotas([1, 1e-9]).tolist() == [ROUND - 1, 1]  # a source is never starved
 
 
+def test_every_source_reads_its_samples_in_turn_across_rounds(corpora, tmp_path):
+    from lifecycle_cli.tokenizer import Tokenizer
+
+    train, _ = prepare(mix_data(corpora, tmp_path), Tokenizer(corpora["tokenizer"]), SEQ)
+    source, within = train.locate(range(3 * ROUND + 17))
+    for s, share in ((0, 0.75), (1, 0.25)):
+        mine = np.sort(within[source == s])
+        # Sample k of a source is read once, and before sample k + 1: no round repeats another.
+        assert (mine == np.arange(len(mine))).all()
+        assert abs(len(mine) / len(source) - share) < 1e-3
+
+
 def test_three_to_one_shares_hold_and_a_resumed_stream_is_the_same(corpora, tmp_path):
     from lifecycle_cli.tokenizer import Tokenizer
 
