@@ -74,12 +74,12 @@ def test_every_source_reads_its_samples_in_turn_across_rounds(corpora, tmp_path)
     from lifecycle_cli.tokenizer import Tokenizer
 
     train, _ = prepare(mix_data(corpora, tmp_path), Tokenizer(corpora["tokenizer"]), SEQ)
-    source, within = train.locate(range(3 * ROUND + 17))
+    source, within = train.locate(range(3 * ROUND))  # three whole rounds
     for s, share in ((0, 0.75), (1, 0.25)):
         mine = np.sort(within[source == s])
-        # Sample k of a source is read once, and before sample k + 1: no round repeats another.
+        # Each sample of a source is read once: no round repeats another...
         assert (mine == np.arange(len(mine))).all()
-        assert abs(len(mine) / len(source) - share) < 1e-3
+        assert len(mine) == 3 * ROUND * share  # ...and each round holds its exact share
 
 
 def test_three_to_one_shares_hold_and_a_resumed_stream_is_the_same(corpora, tmp_path):
