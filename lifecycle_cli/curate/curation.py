@@ -24,7 +24,7 @@ class Curation:
     """What to remove: `dedup` none|exact|minhash (at `threshold`), and `filters`."""
 
     dedup: str = "none"
-    threshold: float = 0.8
+    threshold: float = 0.7
     filters: Optional[QualityFilters] = None
 
     @classmethod

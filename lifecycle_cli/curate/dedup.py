@@ -21,7 +21,7 @@ NUM_PERM = 128
 class Deduplicator:
     """Remembers the documents seen so far; `mode` is "exact" or "minhash" (exact first)."""
 
-    def __init__(self, mode: str, threshold: float = 0.8) -> None:
+    def __init__(self, mode: str, threshold: float = 0.7) -> None:
         if mode not in ("exact", "minhash"):
             raise ValueError(f"unknown dedup mode {mode!r}")
         self.mode, self.threshold = mode, threshold

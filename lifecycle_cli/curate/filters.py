@@ -60,7 +60,7 @@ def failed_rule(text: str, filters: QualityFilters) -> Optional[str]:
         ):
             return "max_digit_ratio"
     if f.max_repeated_lines is not None:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in text.split("\n") if line.strip()]
         if lines and (len(lines) - len(set(lines))) / len(lines) > f.max_repeated_lines:
             return "max_repeated_lines"
     if f.max_non_text is not None and text:

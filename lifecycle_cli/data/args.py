@@ -74,7 +74,7 @@ class TextData:
     """Remove duplicate documents before tokenizing (the first copy stays): exact (same text,
     whitespace aside) or minhash (exact, then near duplicates by MinHash LSH over word
     5-grams; needs datasketch: pip install 'llmcycle[curate]')."""
-    dedup_threshold: float = 0.8
+    dedup_threshold: float = 0.7
     """Estimated Jaccard similarity of word 5-grams above which --data.dedup minhash counts
     two documents as near duplicates."""
     filters: Optional[QualityFilters] = None

@@ -85,6 +85,12 @@ def _blocks(data, train_files, val_files, tokenizer, seq_length, seed):
     )
     train = split_blocks(folder, manifest, "train", seq_length, seed)
     val = split_blocks(folder, manifest, "val", seq_length, None)
+    report = manifest.get("curation")
+    if report and report["documents"] and train.num_documents + val.num_documents == 0:
+        raise UserError(
+            f"--data.filters/--data.dedup removed all {report['documents']} documents of "
+            f"{_describe(train_files)} ({', '.join(sorted(report['removed']))}); loosen them"
+        )
     return train, val
 
 
