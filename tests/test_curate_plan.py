@@ -228,6 +228,7 @@ def test_dry_run_plans_a_from_scratch_vocab_and_a_finetune(tmp_path, capsys):
                  "--train.max_steps", "100", "--train.max_seq_length", "512"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "Trainable (qlora): 4,194,304 adapter parameters" in out  # r 8 on q and v, 32 layers
+    assert "Chinchilla" not in out  # a pretraining figure
     assert main(["finetune", str(tmp_path / "missing"), "--dry_run", "true"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

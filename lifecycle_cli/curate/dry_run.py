@@ -115,7 +115,7 @@ def finetune_plan(
                 f"checkpoint folder {folder} does not exist (nor is it a named model, which "
                 "--dry_run can also plan)"
             ) from None
-    return _plan(config, train, plan, devices, num_nodes, precision, method, lora, [])
+    return _plan(config, train, plan, devices, num_nodes, precision, method, lora, [], False)
 
 
 def _replace(config: Config, **fields) -> Config:
@@ -124,7 +124,9 @@ def _replace(config: Config, **fields) -> Config:
     return dataclasses.replace(config, **fields)
 
 
-def _plan(config, train, plan, devices, num_nodes, precision, method, lora, notes) -> Plan:
+def _plan(
+    config, train, plan, devices, num_nodes, precision, method, lora, notes, pretraining=True
+) -> Plan:
     seq_length = train.seq_length(config.block_size)
     tokens, source = planned_tokens(train, seq_length)
     if tokens is None and train.epochs:
@@ -138,6 +140,7 @@ def _plan(config, train, plan, devices, num_nodes, precision, method, lora, note
         devices=device_count(devices, num_nodes), method=method, lora=lora,
     )  # fmt: skip
     result.notes += notes
+    result.pretraining = pretraining
     for line in result.lines():
         print(line)
     return result

@@ -304,6 +304,7 @@ class Plan:
     dollars_per_gpu_hour: Optional[float]
     measured: Optional[dict[str, float]] = None
     notes: list[str] = field(default_factory=list)
+    pretraining: bool = True  # Chinchilla's sizes are about pretraining only
 
     @property
     def gpu_hours(self) -> float:
@@ -403,18 +404,8 @@ def _format(p: Plan) -> list[str]:
         f"Training FLOPs: {f['total']:.3e} = weights {f['weights']:.3e} + attention "
         f"{f['attention']:.3e}; the lecture's 6·N·D: {f['6ND']:.3e}",
     ]
-    ch = p.chinchilla
-    line = f"Chinchilla (~{CHINCHILLA_TOKENS_PER_PARAM} tokens/param): "
-    line += f"{_num(ch['tokens_for_size'])} tokens are optimal for {_num(n.total)} parameters"
-    if "size_for_tokens" in ch:
-        line += f"; {_num(ch['size_for_tokens'])} parameters are optimal for "
-        line += f"{_num(p.tokens)} tokens"
-    if "size_for_compute" in ch:
-        line += (
-            f"; the same compute is best spent on {_num(ch['size_for_compute'])} parameters x "
-            f"{_num(ch['tokens_for_compute'])} tokens"
-        )
-    out.append(line)
+    if p.pretraining:
+        out.append(_chinchilla_line(p))
     out.append(
         f"To store: {_gb(4 * n.total)} GB in fp32, {_gb(2 * n.total)} GB in bf16, "
         f"{_gb(n.total)} GB in int8 (4 GB per billion parameters in fp32)"
@@ -441,6 +432,21 @@ def _format(p: Plan) -> list[str]:
             f"{_hours(m['hours'])} on {p.gpus} such device(s)"
         )
     return out + p.notes
+
+
+def _chinchilla_line(p: Plan) -> str:
+    ch, n = p.chinchilla, p.params.total
+    line = f"Chinchilla (~{CHINCHILLA_TOKENS_PER_PARAM} tokens/param): "
+    line += f"{_num(ch['tokens_for_size'])} tokens are optimal for {_num(n)} parameters"
+    if "size_for_tokens" in ch:
+        line += f"; {_num(ch['size_for_tokens'])} parameters are optimal for "
+        line += f"{_num(p.tokens)} tokens"
+    if "size_for_compute" in ch:
+        line += (
+            f"; the same compute is best spent on {_num(ch['size_for_compute'])} parameters x "
+            f"{_num(ch['tokens_for_compute'])} tokens"
+        )
+    return line
 
 
 def _hours(h: float) -> str:
