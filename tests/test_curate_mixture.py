@@ -141,7 +141,7 @@ def run_pretrain(corpora, out: Path, cache: Path, *extra: str) -> int:
         "out_dir": str(out),
         "data": {"mix": {"low": {"path": str(corpora["low"]), "weight": 3},
                          "high": {"path": str(corpora["high"]), "weight": 1}},
-                 "cache_dir": str(cache), "num_workers": 0},
+                 "cache_dir": str(cache), "num_workers": 0, "dedup": "exact"},
         "train": {"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 4,
                   "save_interval": 2, "keep_last": None},
         "eval": {"interval": None, "max_iters": 2},
@@ -156,6 +156,8 @@ def test_pretrain_on_a_mixture_saves_the_table_and_resumes_exactly(corpora, tmp_
     assert run_pretrain(corpora, tmp_path / "a", cache) == 0
     out = capsys.readouterr().out
     assert "Data mixture:" in out
+    assert "Curation of low: removed 0 of 120 documents" in out  # one report per source
+    assert "Curation of high: removed 0 of 60 documents" in out
     table = (tmp_path / "a" / "data_mix.tsv").read_text().splitlines()
     assert table[0] == "source\tdocuments\ttokens\tweight\tepochs"
     rows = {line.split("\t")[0]: line.split("\t") for line in table[1:]}
