@@ -11,6 +11,7 @@ from lifecycle_cli.cli import main
 from lifecycle_cli.config import Config
 from lifecycle_cli.curate import plan as P
 from lifecycle_cli.curate.plan import PlanArgs, make_plan
+from lifecycle_cli.errors import UserError
 from lifecycle_cli.lora import LoRAArgs
 from lifecycle_cli.zoo import FAMILIES, named_config
 
@@ -192,7 +193,7 @@ def test_time_and_cost_from_the_peak():
     h100 = make_plan(config, PlanArgs(gpu="h100"), seq_length=1024, micro_batch=1, tokens=1e9,
                      tokens_from="")  # fmt: skip
     assert h100.peak == 989.4e12  # bf16 dense datasheet peak
-    with pytest.raises(Exception, match="--plan.gpu 'Z80'"):
+    with pytest.raises(UserError, match="--plan.gpu 'Z80'"):
         make_plan(config, PlanArgs(gpu="Z80"), seq_length=8, micro_batch=1, tokens=1,
                   tokens_from="")  # fmt: skip
 
@@ -240,3 +241,9 @@ def test_measure_times_real_steps_on_this_device():
     assert plan.measured["tokens_per_sec"] > 0
     assert plan.measured["hours"] == pytest.approx(1e6 / plan.measured["tokens_per_sec"] / 3600)
     assert any(line.startswith("Measured on cpu") for line in plan.lines())
+
+
+def test_measure_refuses_a_model_too_large_for_this_machine():
+    with pytest.raises(UserError, match="--plan.measure: training Llama-2-70b needs about"):
+        make_plan(LLAMA2_70B, PlanArgs(measure=True), seq_length=16, micro_batch=1, tokens=1e6,
+                  tokens_from="")  # fmt: skip

@@ -502,6 +502,17 @@ def measure(
     if steps < 1:
         raise UserError(f"--plan.measure_steps must be at least 1, got {steps}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":  # a model too large for RAM is killed, not an OutOfMemoryError
+        import os
+
+        need = count_params(config).total * sum(PRECISIONS.get(precision, (4, 4, 8, 4))[:3])
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        if need > free:
+            raise UserError(
+                f"--plan.measure: training {config.name or 'the model'} needs about "
+                f"{need / GB:.1f} GB for its weights and optimizer, more than the "
+                f"{free / GB:.1f} GB free here; plan without --plan.measure"
+            )
     true_dtype = {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision)
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     try:
