@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
+from lifecycle_cli.curate.plan import PlanArgs
 from lifecycle_cli.data.args import InstructData
 from lifecycle_cli.lora import LoRAArgs
 from lifecycle_cli.train.args import (
@@ -49,6 +50,8 @@ def finetune(
     seed: int = 42,
     compile: bool = False,
     activation_checkpointing: bool = False,
+    dry_run: bool = False,
+    plan: PlanArgs = PlanArgs(),
 ) -> None:
     """Finetune a checkpoint on instructions (Alpaca or chat JSON/JSONL), synthetic tasks, or
     labelled texts (classification: CSV/TSV/JSONL with text and label).
@@ -69,7 +72,15 @@ def finetune(
         exact_match_samples: Validation examples answered greedily to measure exact match
             (synthetic tasks only; 0 turns it off).
         max_new_tokens: Longest answer generated for exact match.
+        dry_run: Print the plan (parameters, FLOPs, memory per precision with the LoRA/QLoRA
+            base frozen, time and cost) and stop; checkpoint_dir may then be a named model.
+        plan: The hardware --dry_run plans for.
     """
+    if dry_run:
+        from lifecycle_cli.curate.dry_run import finetune_plan
+
+        finetune_plan(checkpoint_dir, method, lora, train, plan, devices, num_nodes, precision)
+        return
     flags = dict(locals())
     from lifecycle_cli.checkpoint import check_checkpoint_dir
     from lifecycle_cli.data.instruct import detect_format

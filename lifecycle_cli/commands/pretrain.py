@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from lifecycle_cli.config import Config
+from lifecycle_cli.curate.plan import PlanArgs
 from lifecycle_cli.data.args import TextData
 from lifecycle_cli.train.args import (
     Devices,
@@ -39,6 +40,8 @@ def pretrain(
     seed: int = 42,
     compile: bool = False,
     activation_checkpointing: bool = False,
+    dry_run: bool = False,
+    plan: PlanArgs = PlanArgs(),
 ) -> None:
     """Pretrain a model on text, from scratch or continuing from a checkpoint.
 
@@ -54,12 +57,24 @@ def pretrain(
             and tokenizer).
         train: Optimisation and duration.
         eval: Validation during training.
+        dry_run: Print the plan (parameters, FLOPs, Chinchilla sizes, memory per precision,
+            time and cost) and stop: no data is read and nothing is written.
+        plan: The hardware --dry_run plans for.
     """
+    if dry_run:
+        from lifecycle_cli.curate.dry_run import pretrain_plan
+
+        pretrain_plan(
+            model_name, model_config, initial_checkpoint_dir, tokenizer_dir,
+            tokenizer.vocab_size, train, plan, devices, num_nodes, precision,
+        )  # fmt: skip
+        return
     flags = dict(locals())
     from lifecycle_cli.train.session import RunFlags, run_session
     from lifecycle_cli.train.tasks.pretrain import PretrainTask
 
     task = PretrainTask(
-        model_name, model_config, initial_checkpoint_dir, tokenizer_dir, tokenizer, data, out_dir
-    )
+        model_name, model_config, initial_checkpoint_dir, tokenizer_dir, tokenizer, data, out_dir,
+        train,
+    )  # fmt: skip
     run_session(task, out_dir, train, eval, RunFlags.pick(flags), flags)

@@ -13,6 +13,37 @@ from typing import Literal, Optional, Union
 
 
 @dataclass
+class MixSource:
+    """One source of a data mixture."""
+
+    path: Union[Path, list[Path]]
+    """Its files or folders, read like --data.path."""
+    weight: float = 1.0
+    """Its sampling weight (normalised over the sources): the share of training samples
+    drawn from it, however large it is (a small source is repeated, a large one cut)."""
+
+
+@dataclass
+class QualityFilters:
+    """Heuristic quality filters applied while the token shards are prepared; a document
+    failing any of them is left out. A threshold set to null turns its filter off."""
+
+    min_words: Optional[int] = 20
+    """Fewest words (whitespace-separated) a document must have."""
+    max_words: Optional[int] = 100_000
+    """Most words a document may have."""
+    max_symbol_ratio: Optional[float] = 0.3
+    """Largest share of non-space characters that are neither letters nor digits."""
+    max_digit_ratio: Optional[float] = 0.3
+    """Largest share of non-space characters that are digits."""
+    max_repeated_lines: Optional[float] = 0.3
+    """Largest share of (non-blank) lines that repeat an earlier line of the document."""
+    max_non_text: Optional[float] = 0.01
+    """Largest share of characters that are not text: control characters other than
+    newline and tab, and the replacement character left by undecodable bytes."""
+
+
+@dataclass
 class TextData:
     """Pretraining text: files or folders of .txt, .jsonl (field "text") or .parquet (column
     "text"), tokenized once and cached."""
@@ -34,6 +65,21 @@ class TextData:
     cache_dir: Optional[Path] = None
     """Where token shards are cached and reused. Default: $LLMCYCLE_CACHE/tokens, else
     ~/.cache/llmcycle/tokens."""
+    mix: Optional[dict[str, MixSource]] = None
+    """Several sources sampled by weight, instead of --data.path: name -> {path, weight}, e.g.
+    in a --config YAML `mix: {web: {path: web/, weight: 3}, books: {path: b.jsonl, weight:
+    1}}`. Each source holds out its own validation share; the run prints and saves
+    (data_mix.tsv) each source's tokens, weight and epochs at the planned token budget."""
+    dedup: Literal["none", "exact", "minhash"] = "none"
+    """Remove duplicate documents before tokenizing (the first copy stays): exact (same text,
+    whitespace aside) or minhash (exact, then near duplicates by MinHash LSH over word
+    5-grams; needs datasketch: pip install 'llmcycle[curate]')."""
+    dedup_threshold: float = 0.7
+    """Estimated Jaccard similarity of word 5-grams above which --data.dedup minhash counts
+    two documents as near duplicates."""
+    filters: Optional[QualityFilters] = None
+    """Heuristic quality filters (`--data.filters '{}'` for the defaults, or set thresholds:
+    --data.filters.min_words 50). A .txt file is one document."""
 
     def __post_init__(self) -> None:
         # Always a list from here on, however it was given.
@@ -45,6 +91,15 @@ class TextData:
                 setattr(self, name, [Path(p) for p in value])
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
+        if self.mix is not None:  # plain dicts too, from Python
+            self.mix = {
+                k: v if isinstance(v, MixSource) else MixSource(**v) for k, v in self.mix.items()
+            }
+        for source in (self.mix or {}).values():
+            if isinstance(source.path, (str, os.PathLike)):
+                source.path = [Path(source.path)]
+            else:
+                source.path = [Path(p) for p in source.path]
 
 
 @dataclass

@@ -37,6 +37,8 @@ from lifecycle_cli.tokenizer import TOKENIZER_FILES, Tokenizer
 if TYPE_CHECKING:
     import torch
 
+    from lifecycle_cli.curate.curation import Curation
+
 MANIFEST = "manifest.json"
 _FORMAT = 1  # bump when the layout or the tokenization rules change: old caches are then ignored
 _BYTES_PER_WORKER = 4 << 20
@@ -49,10 +51,13 @@ def build_shards(
     tokenizer: Tokenizer,
     cache_dir: Path,
     num_workers: Optional[int] = None,
+    curation: Optional[Curation] = None,
 ) -> tuple[Path, dict]:
     """(cache folder, manifest) of the token shards of these files, tokenized now unless a
-    complete cache of the same files, tokenizer and split is already under `cache_dir`.
-    Without `val_files`, `val_fraction` of the passages is held out, evenly spread."""
+    complete cache of the same files, tokenizer, split and curation is already under
+    `cache_dir`. Without `val_files`, `val_fraction` of the passages is held out, evenly
+    spread. With `curation`, the documents it removes are left out (before the split) and the
+    manifest's "curation" says how many documents and tokens each rule removed."""
     dtype = "uint16" if tokenizer.vocab_size < 1 << 16 else "uint32"
     key = {
         "format": _FORMAT,
@@ -64,6 +69,8 @@ def build_shards(
         "part_bytes": readers.PART_BYTES,
         "passage_chars": readers.PASSAGE_CHARS,
     }
+    if curation is not None:  # absent otherwise: caches made before curation stay valid
+        key["curation"] = curation.key()
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     folder = Path(cache_dir).expanduser() / digest
     manifest = _load_manifest(folder, key)
@@ -75,7 +82,13 @@ def build_shards(
             total = sum(size for _, size, _ in key["train"] + (key["val"] or []))
             workers = min(_cpu_count(), max(1, total // _BYTES_PER_WORKER))
         workers = min(workers, len(parts))
-        _build(folder, key, parts, tokenizer, dtype, val_fraction, workers)
+        drops, report = [{} for _ in parts], None
+        if curation is not None:
+            from lifecycle_cli.curate.curation import select
+
+            drops, report = select(parts, curation)
+        jobs = list(zip(parts, drops))
+        _build(folder, key, jobs, tokenizer, dtype, val_fraction, workers, report)
         manifest = _load_manifest(folder, key)
         if manifest is None:
             raise UserError(f"the token cache in {folder} is unreadable after writing it")
@@ -87,7 +100,7 @@ def split_blocks(
 ) -> TokenBlocks:
     """The blocks of `split` ("train" or "val") of the shards in `folder`."""
     info = manifest["splits"][split]
-    return TokenBlocks(
+    blocks = TokenBlocks(
         folder / info["file"],
         info["tokens"],
         manifest["dtype"],
@@ -97,6 +110,8 @@ def split_blocks(
         seed,
         info["documents"],
     )
+    blocks.curation = manifest.get("curation")
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,35 +126,45 @@ def _typecode(dtype: str) -> str:
     return "I" if array.array("I").itemsize == 4 else "L"
 
 
-def _tokenize_part(part: Part, tokenizer: Tokenizer, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens of `part` and the token count of each of its passages."""
+Job = tuple[Part, dict[int, str]]  # a part and {passage index: why it is left out}
+Tokenized = tuple[np.ndarray, np.ndarray, dict[str, int]]
+
+
+def _tokenize_part(job: Job, tokenizer: Tokenizer, dtype: str) -> Tokenized:
+    """The tokens of the kept passages of the part, the token count of each kept passage, and
+    the tokens left out, by reason."""
+    part, drop = job
     ids = array.array(_typecode(dtype))  # compact, unlike a list of Python ints
     lengths = array.array("q")
-    for text, first, last in read_part(part):
+    removed: dict[str, int] = {}
+    for k, (text, first, last) in enumerate(read_part(part)):
         tokens = tokenizer.encode(text, bos=None if first else False, eos=last)
+        if k in drop:
+            removed[drop[k]] = removed.get(drop[k], 0) + len(tokens)
+            continue
         ids.extend(tokens)
         lengths.append(len(tokens))
-    return np.frombuffer(ids, dtype=dtype), np.frombuffer(lengths, dtype=np.int64)
+    return np.frombuffer(ids, dtype=dtype), np.frombuffer(lengths, dtype=np.int64), removed
 
 
 def _init_worker(tokenizer: Tokenizer, dtype: str) -> None:
     _WORKER.update(tokenizer=tokenizer, dtype=dtype)
 
 
-def _worker_task(part: Part) -> tuple[np.ndarray, np.ndarray] | str:
+def _worker_task(job: Job) -> Tokenized | str:
     try:
-        return _tokenize_part(part, _WORKER["tokenizer"], _WORKER["dtype"])
+        return _tokenize_part(job, _WORKER["tokenizer"], _WORKER["dtype"])
     except UserError as e:  # sent back as its message; the parent raises it again
         return str(e)
 
 
 def _tokenize(
-    parts: list[Part], tokenizer: Tokenizer, dtype: str, num_workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    jobs: list[Job], tokenizer: Tokenizer, dtype: str, num_workers: int
+) -> Iterator[Tokenized]:
     """Tokenized parts, in order."""
     if num_workers <= 1:
-        for part in parts:
-            yield _tokenize_part(part, tokenizer, dtype)
+        for job in jobs:
+            yield _tokenize_part(job, tokenizer, dtype)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -149,10 +174,10 @@ def _tokenize(
     # would copy in an undefined state. An executor, unlike multiprocessing.Pool, fails instead
     # of hanging when a worker dies.
     ctx = multiprocessing.get_context("spawn")
-    chunk = max(1, min(16, len(parts) // (num_workers * 4)))
+    chunk = max(1, min(16, len(jobs) // (num_workers * 4)))
     pool = ProcessPoolExecutor(num_workers, ctx, _init_worker, (tokenizer, dtype))
     try:
-        for result in pool.map(_worker_task, parts, chunksize=chunk):
+        for result in pool.map(_worker_task, jobs, chunksize=chunk):
             if isinstance(result, str):
                 raise UserError(result)
             yield result
@@ -176,11 +201,12 @@ def _cpu_count() -> int:
 def _build(
     out: Path,
     key: dict,
-    parts: list[Part],
+    jobs: list[Job],
     tokenizer: Tokenizer,
     dtype: str,
     val_fraction: float,
     num_workers: int,
+    curation: Optional[dict] = None,
 ) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -192,10 +218,13 @@ def _build(
         files = {s: open(tmp / f"{s}.bin", "wb") for s in splits}
         from tqdm import tqdm
 
-        bar = tqdm(total=len(parts), desc="Tokenizing", unit="part", disable=None, leave=False)
+        bar = tqdm(total=len(jobs), desc="Tokenizing", unit="part", disable=None, leave=False)
         try:
             index = 0  # of the passage among those the fraction splits
-            for part, (ids, lengths) in zip(parts, _tokenize(parts, tokenizer, dtype, num_workers)):
+            tokenized = _tokenize(jobs, tokenizer, dtype, num_workers)
+            for (part, _), (ids, lengths, removed) in zip(jobs, tokenized):
+                for reason, n in removed.items():
+                    curation["removed"][reason]["tokens"] += n
                 if part.split == "auto":
                     i = np.arange(index, index + len(lengths), dtype=np.float64)
                     index += len(lengths)
@@ -227,6 +256,8 @@ def _build(
             "key": key,
             "seconds": round(time.time() - started, 3),
         }
+        if curation is not None:
+            manifest["curation"] = curation
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         if _file_stats(key) != (key["train"], key["val"]):
             raise UserError("input files changed while they were being tokenized; run again")
@@ -320,6 +351,7 @@ class TokenBlocks:
         self.num_blocks = num_tokens // (seq_length + 1)
         self._tokens: Optional[np.ndarray] = None
         self._perms: dict[int, np.ndarray] = {}
+        self.curation: Optional[dict] = None  # what curation removed from the corpus, if any
 
     def __len__(self) -> int:
         """Distinct blocks in one epoch."""
@@ -373,10 +405,17 @@ class TokenBlocks:
         vocabulary: the loss of a model that learned token frequencies only.
         `val.unigram_loss(train)` is the baseline a pretrained model must beat."""
         own = self.counts()
-        ref = own if counts_from is None else counts_from.counts()
-        size = max(len(own), len(ref), self.vocab_size)
-        own, ref = np.pad(own, (0, size - len(own))), np.pad(ref, (0, size - len(ref)))
-        if own.sum() == 0:
-            raise ValueError("unigram_loss of a split without blocks")
-        logp = np.log(ref + 1.0) - np.log(ref.sum() + size)
-        return float(-(own * logp).sum() / own.sum())
+        return unigram_loss(
+            own, own if counts_from is None else counts_from.counts(), self.vocab_size
+        )
+
+
+def unigram_loss(own: np.ndarray, ref: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats per token) of tokens counted `own` under the add-one smoothed
+    unigram distribution of the counts `ref`."""
+    size = max(len(own), len(ref), vocab_size)
+    own, ref = np.pad(own, (0, size - len(own))), np.pad(ref, (0, size - len(ref)))
+    if own.sum() == 0:
+        raise ValueError("unigram_loss of a split without blocks")
+    logp = np.log(ref + 1.0) - np.log(ref.sum() + size)
+    return float(-(own * logp).sum() / own.sum())

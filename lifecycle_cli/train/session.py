@@ -171,4 +171,6 @@ def to_yaml(value):
         return str(value)
     if isinstance(value, (list, tuple)):
         return [to_yaml(v) for v in value]
+    if isinstance(value, dict):  # e.g. --data.mix: name -> {path, weight}
+        return {k: to_yaml(v) for k, v in value.items()}
     return value

@@ -11,6 +11,7 @@ from typing import Optional
 from lifecycle_cli.config import Config
 from lifecycle_cli.data.args import TextData
 from lifecycle_cli.errors import UserError
+from lifecycle_cli.train.args import TrainArgs
 
 
 @dataclass
@@ -35,6 +36,7 @@ class PretrainTask:
         tokenizer: TokenizerArgs,
         data: TextData,
         out_dir: Path,
+        train: Optional[TrainArgs] = None,
     ) -> None:
         from lifecycle_cli.objectives import next_token_loss
 
@@ -52,7 +54,7 @@ class PretrainTask:
             self.config = model_config or load_config(initial_checkpoint_dir)
         self.initial = initial_checkpoint_dir
         self.given_tokenizer, self.tokenizer_args = tokenizer_dir, tokenizer
-        self.text, self.out_dir = data, out_dir
+        self.text, self.out_dir, self.train = data, out_dir, train
         self.objective = next_token_loss
 
     def check(self, fabric) -> None:
@@ -79,7 +81,7 @@ class PretrainTask:
     def get_tokenizer(self, fabric):
         """(Tokenizer, folder holding its files): given, from the initial checkpoint, or
         trained on the data by rank 0 (the others wait and read it)."""
-        from lifecycle_cli.data.text import iter_texts, resolve_files
+        from lifecycle_cli.data.text import iter_texts, training_files
         from lifecycle_cli.tokenizer import Tokenizer, train_bpe
 
         folder = self.given_tokenizer or self.initial
@@ -87,7 +89,7 @@ class PretrainTask:
             return Tokenizer(folder), Path(folder)
         folder = self.out_dir / "tokenizer"
         if fabric.global_rank == 0 and not (folder / "tokenizer.json").is_file():
-            files = resolve_files(self.text.path)
+            files = training_files(self.text)
             size = self.tokenizer_args.vocab_size
             fabric.print(f"Training a {size}-token BPE tokenizer on {len(files)} file(s)")
             train_bpe(None, size, folder, texts=iter_texts(files))
@@ -115,13 +117,37 @@ class PretrainTask:
         from lifecycle_cli.train.throughput import n_params
 
         c = self.config
-        return [
+        lines = [
             f"Model: {n_params(c, non_embedding=False):,} parameters ({c.n_layer} layers, "
             f"{c.n_embd} wide, vocab {c.vocab_size}); {len(self.train_data):,} training blocks "
             f"of {seq_length} tokens, {len(self.val_data):,} validation blocks",
             f"Unigram baseline (token frequencies only): validation loss "
             f"{self.val_data.unigram_loss(self.train_data):.4f}",
         ]
+        return lines + self.describe_data(seq_length)
+
+    def describe_data(self, seq_length: int) -> list[str]:
+        """What curation removed, and the mixture table (also saved as out_dir/data_mix.tsv)."""
+        from lifecycle_cli.curate.curation import describe
+
+        data, lines = self.train_data, []
+        reports = data.curation if isinstance(data.curation, dict) else None
+        if reports and "removed" not in reports:  # a mixture: one report per source
+            for name, report in reports.items():
+                lines += describe(report, name)
+        else:
+            lines += describe(reports)
+        if hasattr(data, "table"):
+            from lifecycle_cli.curate.mixture import format_table, write_table
+
+            budget = None
+            if self.train is not None:
+                steps = self.train.total_steps(len(data), seq_length)
+                budget = steps * self.train.global_batch_size * seq_length
+            rows = data.table(budget)
+            lines += ["Data mixture:", *format_table(rows, budget)]
+            write_table(self.out_dir / "data_mix.tsv", rows)
+        return lines
 
     def extra_eval(self):
         return None

@@ -1,0 +1,146 @@
+"""`--dry_run` of the training verbs: the architecture and flags of a run -> its printed plan.
+
+No data is read, no weights are loaded and nothing is written: a plan needs only the
+architecture (a named model, `--model_config`, or a checkpoint's `model_config.yaml`), the
+tokenizer's vocabulary size and the `--train.*` and run flags.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Union
+
+from lifecycle_cli.config import CONFIG_FILE, Config
+from lifecycle_cli.curate.plan import Plan, PlanArgs, make_plan
+from lifecycle_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from lifecycle_cli.lora import LoRAArgs
+    from lifecycle_cli.train.args import TrainArgs
+
+
+def planned_tokens(train: TrainArgs, seq_length: int) -> tuple[Optional[float], str]:
+    """Training tokens the flags ask for (None: they do not say without reading the data)."""
+    limits = []
+    if train.max_tokens:
+        limits.append((train.max_tokens, "--train.max_tokens"))
+    if train.max_steps:
+        steps = train.max_steps * train.global_batch_size * seq_length
+        limits.append((steps, "--train.max_steps x global batch x sequence length"))
+    if not limits:
+        return None, ""
+    return min(limits)
+
+
+def device_count(devices: Union[int, str], num_nodes: int) -> int:
+    try:
+        return max(1, int(devices)) * num_nodes
+    except ValueError:  # "auto": unknown without looking at the machine
+        return num_nodes
+
+
+def pretrain_plan(
+    model_name: Optional[str],
+    model_config: Optional[Config],
+    initial_checkpoint_dir: Optional[Path],
+    tokenizer_dir: Optional[Path],
+    vocab_size: int,
+    train: TrainArgs,
+    plan: PlanArgs,
+    devices: Union[int, str],
+    num_nodes: int,
+    precision: Optional[str],
+) -> Plan:
+    """The plan of a `pretrain` run, with the vocabulary it would train: the initial
+    checkpoint's, the given tokenizer's, or the BPE of `--tokenizer.vocab_size` it would train
+    (rounded up to a multiple of 64, as the run does)."""
+    if sum(x is not None for x in (model_name, model_config, initial_checkpoint_dir)) != 1:
+        raise UserError(
+            "give exactly one of: a model name, --model_config, --initial_checkpoint_dir"
+        )
+    notes = []
+    if initial_checkpoint_dir is not None:
+        from lifecycle_cli.checkpoint import load_config
+
+        config = load_config(initial_checkpoint_dir)
+    else:
+        if model_name is not None:
+            from lifecycle_cli.zoo import named_config
+
+            config = named_config(model_name)
+        else:
+            config = model_config
+        if tokenizer_dir is not None:
+            from lifecycle_cli.tokenizer import Tokenizer
+
+            vocab_size = Tokenizer(tokenizer_dir).vocab_size
+            why = f"the tokenizer in {tokenizer_dir}"
+        else:
+            why = "the BPE the run trains (--tokenizer.vocab_size)"
+        padded = 64 * math.ceil(vocab_size / 64)
+        if padded != config.vocab_size:
+            notes.append(
+                f"Note: vocab {padded} is {why}; {config.name or 'the config'} has "
+                f"{config.vocab_size} (--tokenizer_dir or --tokenizer.vocab_size set it)"
+            )
+        config = _replace(config, vocab_size=padded)
+    return _plan(config, train, plan, devices, num_nodes, precision, "full", None, notes)
+
+
+def finetune_plan(
+    checkpoint_dir: Path,
+    method: str,
+    lora: LoRAArgs,
+    train: TrainArgs,
+    plan: PlanArgs,
+    devices: Union[int, str],
+    num_nodes: int,
+    precision: Optional[str],
+) -> Plan:
+    """The plan of a `finetune` run of a checkpoint folder, or of a named model (no folder
+    needed to plan)."""
+    folder = Path(checkpoint_dir)
+    if (folder / CONFIG_FILE).is_file():
+        config = Config.from_file(folder / CONFIG_FILE)
+    elif folder.exists():
+        raise UserError(f"{folder} is not a checkpoint folder: no {CONFIG_FILE}")
+    else:
+        from lifecycle_cli.zoo import named_config
+
+        try:
+            config = named_config(str(checkpoint_dir))
+        except UserError:
+            raise UserError(
+                f"checkpoint folder {folder} does not exist (nor is it a named model, which "
+                "--dry_run can also plan)"
+            ) from None
+    return _plan(config, train, plan, devices, num_nodes, precision, method, lora, [], False)
+
+
+def _replace(config: Config, **fields) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, **fields)
+
+
+def _plan(
+    config, train, plan, devices, num_nodes, precision, method, lora, notes, pretraining=True
+) -> Plan:
+    seq_length = train.seq_length(config.block_size)
+    tokens, source = planned_tokens(train, seq_length)
+    if tokens is None and train.epochs:
+        notes.append(
+            "Note: --train.epochs needs the data to count tokens; give --train.max_steps or "
+            "--train.max_tokens to plan a given run"
+        )
+    result = make_plan(
+        config, plan, seq_length=seq_length, micro_batch=train.micro_batch_size,
+        tokens=tokens, tokens_from=source, precision=precision,
+        devices=device_count(devices, num_nodes), method=method, lora=lora,
+    )  # fmt: skip
+    result.notes += notes
+    result.pretraining = pretraining
+    for line in result.lines():
+        print(line)
+    return result
