@@ -49,9 +49,10 @@ class GatedMLP(nn.Module):
 class MoE(nn.Module):
     """Mixture of gated experts: each token goes to its top-k experts, weighted by the router.
 
-    Routing is batched: the (token, expert) pairs are sorted by expert once, then each expert
-    runs on its contiguous share. A forward pass in training mode keeps the router statistics
-    that `router_loss` and `expert_load` read.
+    Routing is batched: the (token, expert) pairs are sorted by expert once, each expert runs
+    on its contiguous share, and one scatter puts the results back (no per-expert index_add).
+    A forward pass in training mode keeps the router statistics that `router_loss` and
+    `expert_load` read.
     """
 
     def __init__(self, config: Config) -> None:
@@ -74,15 +75,12 @@ class MoE(nn.Module):
         weights = weights.to(x.dtype)
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts))
         self.stats = RouterStats(logits, probs, counts) if self.training else None
+        # Every (token, slot) pair sorted by expert: each expert runs on one contiguous slice.
         order = chosen.flatten().argsort(stable=True)
-        tokens, flat_weights = order // self.k, weights.flatten()[order]
-        y = torch.zeros_like(x)
-        start = 0
-        for expert, n in zip(self.experts, counts.tolist()):  # one host sync per layer
-            if n:
-                token, w = tokens[start : start + n], flat_weights[start : start + n, None]
-                y.index_add_(0, token, expert(x[token]) * w)
-                start += n
+        pieces = x.index_select(0, order // self.k).split(counts.tolist())  # one host sync
+        out = torch.cat([e(p) if p.size(0) else p for e, p in zip(self.experts, pieces)])
+        out = torch.zeros_like(out).index_copy(0, order, out)  # back to (token, slot) order
+        y = (out.view(-1, self.k, shape[-1]) * weights[..., None]).sum(dim=1)
         return y.view(shape)
 
 
