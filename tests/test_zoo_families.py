@@ -194,3 +194,35 @@ def test_lora_finetune_then_generate(name, tokenizer_dir, tmp_path):
     llm = LLM.load(tmp_path / "out/final")
     text = llm.generate("abc", max_new_tokens=5, temperature=0)
     assert isinstance(text, str) and llm.generate("abc", max_new_tokens=5, temperature=0) == text
+
+
+def test_multimodal_gemma3_checkpoint_converts_its_text_decoder(tmp_path):
+    """The gemma-3-4b/12b/27b repos (model_type gemma3): a text_config naming only some keys
+    (transformers' defaults fill the rest), tensors under language_model.*, a vision tower that
+    is left out."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf_model = make_hf_model("gemma3", tmp_path / "text")
+    text = json.loads((tmp_path / "text/config.json").read_text())
+    defaults = ("vocab_size", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")
+    text_config = {k: v for k, v in text.items() if k not in defaults and k != "model_type"}
+    state = {
+        f"language_model.{n}": t for n, t in load_file(tmp_path / "text/model.safetensors").items()
+    }
+    state["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(4, 3, 2, 2)
+    state["multi_modal_projector.mm_input_projection_weight"] = torch.zeros(4, 32)
+    (tmp_path / "mm").mkdir()
+    save_file(state, tmp_path / "mm/model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "mm/config.json").write_text(json.dumps({
+        "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": {**text_config, "model_type": "gemma3_text", "vocab_size": 96},
+        "vision_config": {"model_type": "siglip_vision_model"},
+    }))  # fmt: skip
+    config = convert_hf_checkpoint(tmp_path / "mm", tmp_path / "ours")
+    assert config.hf_model_type == "gemma3_text" and config.tie_embeddings
+    idx = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "ours")(idx), hf_model(idx).logits,
+                                   atol=ATOL, rtol=0)  # fmt: skip

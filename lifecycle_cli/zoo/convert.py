@@ -96,7 +96,9 @@ def convert_hf_checkpoint(
     files = hf_weight_files(hf_dir)
     tensors = iter_hf_tensors(hf_dir)
     if hasattr(family, "canonical_hf_name"):
-        tensors = ((family.canonical_hf_name(n), t) for n, t in tensors)
+        # None: a tensor the family does not convert (Gemma 3's vision tower)
+        named = ((family.canonical_hf_name(n), t) for n, t in tensors)
+        tensors = ((n, t) for n, t in named if n is not None)
     rules = family.weight_rules(config)
     with atomic_dir(out_dir) as tmp, progress_bar(files, f"Converting {config.name}") as bar:
         config.save(tmp / CONFIG_FILE)

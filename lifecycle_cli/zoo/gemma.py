@@ -13,7 +13,7 @@ from lifecycle_cli.zoo.hf import Rule, sliding_from_hf
 from lifecycle_cli.zoo.llama import llama_config_from_hf, llama_config_to_hf, llama_rules
 
 NAME = "Gemma"
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 
 _GEMMA = dict(
     norm="rmsnorm", norm_unit_offset=True, mlp="geglu", gelu_approximate="tanh", bias=False,
@@ -50,10 +50,24 @@ CONFIGS = [
     ),
 ]  # fmt: skip
 
+# What transformers' Gemma3TextConfig assumes for keys a config.json leaves out (the multimodal
+# repos' text_config names only a few).
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+    query_pre_attn_scalar=256, rms_norm_eps=1e-6, sliding_window=4096, sliding_window_pattern=6,
+    rope_theta=1000000.0, rope_local_base_freq=10000.0, tie_word_embeddings=True,
+    hidden_activation="gelu_pytorch_tanh",
+)  # fmt: skip
+
 GELU_TANH = {"gelu_pytorch_tanh": "tanh", "gelu": "tanh"}  # Gemma runs "gelu" as tanh too
 
 
 def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf["model_type"] == "gemma3":  # the multimodal repos: their text decoder
+        hf = {**hf.get("text_config", {}), "model_type": "gemma3_text"}
+    if hf["model_type"] == "gemma3_text":
+        hf = {**GEMMA3_TEXT_DEFAULTS, **hf}
     act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
     out = llama_config_from_hf(hf, act_key=act_key, acts=GELU_TANH)
     out.update(norm_unit_offset=True, scale_embeddings=True)
@@ -77,6 +91,21 @@ def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
             rope_local_base=float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4))),
         )
     return out
+
+
+MULTIMODAL_ONLY = ("vision_tower.", "multi_modal_projector.")
+
+
+def canonical_hf_name(name: str) -> str | None:
+    """A multimodal Gemma 3 checkpoint's text-decoder tensors under the names a
+    Gemma3ForCausalLM uses; None for the vision tower and projector (not converted)."""
+    name = name.removeprefix("model.")
+    if name.startswith(MULTIMODAL_ONLY):
+        return None
+    if name.startswith("language_model."):
+        name = name.removeprefix("language_model.")
+        return name if name.startswith(("model.", "lm_head.")) else f"model.{name}"
+    return name if name == "lm_head.weight" else f"model.{name}"
 
 
 def config_to_hf(config: Config) -> dict[str, Any]:
