@@ -158,18 +158,30 @@ def tokenizer_dir(tmp_path_factory):
     from lifecycle_cli.tokenizer import train_bpe
 
     folder = tmp_path_factory.mktemp("tok")
-    train_bpe(None, 300, folder, texts=list(topics.values())[:200])
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    train_bpe(None, 300, folder, texts=list(topics.values())[:200], special_tokens=specials)
+    (folder / "chat_template.jinja").write_text(CHATML)
     return folder
 
 
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 @pytest.mark.parametrize("name", TINY_FAMILIES)
-def test_lora_finetune_then_generate(name, tokenizer_dir, tmp_path):
+def test_lora_finetune_then_generate_and_chat(name, tokenizer_dir, tmp_path):
     from lifecycle_cli import LLM
     from lifecycle_cli.checkpoint import save_checkpoint
+    from lifecycle_cli.commands.chat import ChatSession
     from lifecycle_cli.commands.finetune import finetune
     from lifecycle_cli.data.args import InstructData
+    from lifecycle_cli.generate import SamplingParams
     from lifecycle_cli.lora import LoRAArgs
     from lifecycle_cli.model import GPT
+    from lifecycle_cli.prompts import get_style
     from lifecycle_cli.tokenizer import Tokenizer
     from lifecycle_cli.train.args import EvalArgs, TrainArgs
     from lifecycle_cli.train.logs import read_metrics
@@ -194,6 +206,11 @@ def test_lora_finetune_then_generate(name, tokenizer_dir, tmp_path):
     llm = LLM.load(tmp_path / "out/final")
     text = llm.generate("abc", max_new_tokens=5, temperature=0)
     assert isinstance(text, str) and llm.generate("abc", max_new_tokens=5, temperature=0) == text
+    # chat: the tokenizer's own Jinja template renders the conversation
+    style = get_style("chat_template", llm.tokenizer)
+    session = ChatSession(llm.generator(), llm.tokenizer, style, SamplingParams(max_new_tokens=3))
+    session.reply("hi")
+    assert [m["role"] for m in session.history] == ["user", "assistant"]
 
 
 def test_multimodal_gemma3_checkpoint_converts_its_text_decoder(tmp_path):
