@@ -17,6 +17,7 @@ import yaml
 from lifecycle_cli.errors import UserError
 
 CONFIG_FILE = "model_config.yaml"
+ROPE_SCALINGS = ("llama3", "linear", "yarn")
 
 
 @dataclass
@@ -43,22 +44,48 @@ class Config:
     norm_unit_offset: bool = False
     mlp: Literal["gelu", "swiglu", "geglu", "moe"] = "gelu"
     gelu_approximate: Literal["none", "tanh"] = "none"
+    # GPT-OSS's clamped SwiGLU: gate clamped to <= limit, up to [-limit, limit], then
+    # (up + 1) * gate * sigmoid(swiglu_alpha * gate). None: plain SwiGLU.
+    swiglu_limit: Optional[float] = None
+    swiglu_alpha: float = 1.0
+    # Mixture of experts (mlp "moe"): each token goes to n_expert_per_token of n_expert SwiGLU
+    # experts of expert_intermediate_size (None: intermediate_size); `dense_layers` keep a dense
+    # MLP of intermediate_size (Qwen3-MoE's mlp_only_layers).
     n_expert: int = 0
     n_expert_per_token: int = 0
+    expert_intermediate_size: Optional[int] = None
+    dense_layers: Optional[list[int]] = None
+    router_bias: bool = False  # GPT-OSS
+    # Renormalise the chosen experts' router probabilities to sum to 1 (Qwen3-MoE's
+    # norm_topk_prob); False keeps the softmax over all experts.
+    moe_norm_topk: bool = True
+    # Training: coefficients of the router's load-balancing loss (Switch Transformer) and of
+    # its z-loss (mean squared log-sum-exp of the router logits), added to the objective.
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
     bias: bool = True  # biases of the attention and MLP linear layers
     attn_bias: Optional[bool] = None  # biases of q/k/v only (Qwen2); None: same as `bias`
     lm_head_bias: bool = False
     tie_embeddings: bool = False
     position_embedding: Literal["rope", "learned"] = "rope"
     rope_base: float = 10000.0
+    # RoPE base of the sliding-window layers (Gemma 3: 10000, the global ones 1e6, without
+    # rope_scaling); None: rope_base and rope_scaling like every layer.
+    rope_local_base: Optional[float] = None
+    nope_layers: Optional[list[int]] = None  # layers that skip RoPE (SmolLM3: every 4th)
     rotary_percentage: float = 1.0  # share of each head rotated (Pythia: 0.25)
     # {"type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    #  "original_max_seq_len"} or {"type": "linear", "factor"}
+    #  "original_max_seq_len"}, {"type": "linear", "factor"} or {"type": "yarn", "factor",
+    #  "beta_fast", "beta_slow", "original_max_seq_len", "truncate", "attention_factor"}
     rope_scaling: Optional[dict[str, Any]] = None
     parallel_residual: bool = False  # GPT-NeoX: x + attn(norm_1(x)) + mlp(norm_2(x))
-    post_attention_norm: bool = False  # Gemma 2: norm on the attention output
-    post_mlp_norm: bool = False  # Gemma 2: norm on the MLP output
-    qk_norm: bool = False  # Qwen3: RMSNorm on each head's queries and keys
+    pre_norm: bool = True  # norm_1 / norm_2 on the input of attention / MLP (OLMo 2: False)
+    post_attention_norm: bool = False  # Gemma 2, OLMo 2: norm on the attention output
+    post_mlp_norm: bool = False  # Gemma 2, OLMo 2: norm on the MLP output
+    qk_norm: bool = False  # RMSNorm on the queries and keys
+    # "head": over each head (Qwen3, Gemma 3); "all": over the whole q and k projections,
+    # before they are split into heads (OLMo 2).
+    qk_norm_scope: Literal["head", "all"] = "head"
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(n_embd)
     attention_scale: Optional[float] = None  # softmax scale; None: 1/sqrt(head_size)
     attention_logit_softcapping: Optional[float] = None
@@ -67,6 +94,8 @@ class Config:
     # With a window: every `sliding_window_pattern`-th layer attends globally
     # (Gemma 2: 2). 1: every layer uses the window (Mistral).
     sliding_window_pattern: int = 1
+    # A learned logit per head that takes part in the softmax and attends to nothing (GPT-OSS).
+    attention_sinks: bool = False
 
     def __post_init__(self) -> None:
         if self.n_query_groups is None:
@@ -89,11 +118,17 @@ class Config:
             )
         if self.mlp == "moe" and not 0 < self.n_expert_per_token <= self.n_expert:
             raise UserError(f"{self._what()}: mlp 'moe' needs 0 < n_expert_per_token <= n_expert")
-        if self.rope_scaling and self.rope_scaling.get("type") not in ("llama3", "linear"):
+        if self.rope_scaling and self.rope_scaling.get("type") not in ROPE_SCALINGS:
             raise UserError(
                 f"{self._what()}: rope_scaling type {self.rope_scaling.get('type')!r} "
-                "is not supported (supported: llama3, linear)"
+                f"is not supported (supported: {', '.join(ROPE_SCALINGS)})"
             )
+        if self.expert_intermediate_size is None:
+            self.expert_intermediate_size = self.intermediate_size
+        for field in ("nope_layers", "dense_layers"):
+            bad = [i for i in getattr(self, field) or () if not 0 <= i < self.n_layer]
+            if bad:
+                raise UserError(f"{self._what()}: {field} {bad} are not layers of {self.n_layer}")
 
     def _what(self) -> str:
         return f"model config {self.name!r}" if self.name else "model config"
@@ -108,6 +143,17 @@ class Config:
         if self.sliding_window is None:
             return False
         return self.sliding_window_pattern == 1 or (layer + 1) % self.sliding_window_pattern != 0
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer `layer` has a mixture of experts (not one of `dense_layers`)."""
+        return self.mlp == "moe" and layer not in (self.dense_layers or ())
+
+    def rope_kind(self, layer: int) -> Optional[str]:
+        """Which RoPE table layer `layer` uses: "global", "local" (`rope_local_base`), or None
+        (no RoPE: learned positions, or one of `nope_layers`)."""
+        if self.position_embedding != "rope" or layer in (self.nope_layers or ()):
+            return None
+        return "local" if self.rope_local_base and self.is_sliding(layer) else "global"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

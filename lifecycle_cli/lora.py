@@ -241,7 +241,7 @@ def inject_lora(model: lifecycle_cli.model.GPT, args: LoRAArgs) -> int:
         if args.projection:
             targets[f"blocks.{i}.attn.proj"] = None
         if args.mlp:  # every expert's layers; a mixture's router (`mlp.gate`) stays frozen
-            router = block.mlp.gate if config.mlp == "moe" else None
+            router = getattr(block.mlp, "gate", None)  # only a mixture has one
             for name, module in block.mlp.named_modules(prefix=f"blocks.{i}.mlp"):
                 if isinstance(module, nn.Linear) and module is not router:
                     targets[name] = None

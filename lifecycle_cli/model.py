@@ -1,9 +1,9 @@
 """`GPT`: the one decoder-only transformer. Every behaviour is chosen by a `Config` field.
 
 Parameter names (what checkpoints store):
-    wte, wpe?, blocks.N.{norm_1, attn.{qkv, proj, q_norm?, k_norm?}, post_attention_norm?,
-    norm_2, mlp.{fc, proj | fc_1, fc_2, proj | gate, experts.E.{fc_1, fc_2, proj}},
-    post_mlp_norm?}, ln_f, lm_head
+    wte, wpe?, blocks.N.{norm_1?, attn.{qkv, proj, q_norm?, k_norm?, sinks?},
+    post_attention_norm?, norm_2?, mlp.{fc, proj | fc_1, fc_2, proj | gate,
+    experts.E.{fc_1, fc_2, proj}}, post_mlp_norm?}, ln_f, lm_head
 `attn.qkv` holds the queries, keys and values stacked in that order along its output dimension.
 """
 
@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lifecycle_cli.config import Config
+from lifecycle_cli.mlp import MoE, make_mlp, router_loss  # noqa: F401 (router_loss: API)
+from lifecycle_cli.rope import apply_rope, rope_tables
 
 
 class GPT(nn.Module):
@@ -33,9 +35,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        # Derived from the config, so not saved; float32 whatever the model's dtype.
-        self.register_buffer("rope_cos", None, persistent=False)
-        self.register_buffer("rope_sin", None, persistent=False)
+        # Derived from the config, so not saved; float32 whatever the model's dtype. "local"
+        # tables only with a separate RoPE base for the sliding-window layers.
+        self.rope_kinds = sorted({k for i in range(config.n_layer) if (k := config.rope_kind(i))})
+        for kind in self.rope_kinds:
+            self.register_buffer(f"rope_{kind}_cos", None, persistent=False)
+            self.register_buffer(f"rope_{kind}_sin", None, persistent=False)
         self.max_seq_length = config.block_size
         self.reset_parameters()
 
@@ -56,10 +61,12 @@ class GPT(nn.Module):
     def reset_rope(self) -> None:
         """(Re)compute the RoPE tables, e.g. after materialising a model built on `meta`."""
         device = self.wte.weight.device
-        if self.config.position_embedding != "rope" or device.type == "meta":
-            self.rope_cos = self.rope_sin = None
-            return
-        self.rope_cos, self.rope_sin = rope_tables(self.config, self._max_seq_length, device)
+        for kind in self.rope_kinds:
+            cos = sin = None
+            if device.type != "meta":
+                cos, sin = rope_tables(self.config, self._max_seq_length, device, kind)
+            setattr(self, f"rope_{kind}_cos", cos)
+            setattr(self, f"rope_{kind}_sin", sin)
 
     def reset_parameters(self) -> None:
         """GPT-2 style initialisation, residual projections scaled down by depth."""
@@ -76,6 +83,8 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
+            elif isinstance(module, Attention) and module.sinks is not None:
+                nn.init.zeros_(module.sinks)
 
     def forward(
         self,
@@ -122,14 +131,15 @@ class GPT(nn.Module):
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         if self.config.position_embedding == "learned":
             x = x + self.wpe(pos)
-        rope = None
-        if self.rope_cos is not None:
-            cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
+        ropes = {}
+        for kind in self.rope_kinds:
+            cos = getattr(self, f"rope_{kind}_cos")[pos].to(x.dtype)
+            sin = getattr(self, f"rope_{kind}_sin")[pos].to(x.dtype)
             if pos.dim() == 2:  # (B, T, n) -> (B, 1, T, n), broadcast over the heads
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            rope = (cos, sin)
+            ropes[kind] = (cos, sin)
         for block in self.blocks:
-            x = block(x, rope, input_pos, masks)
+            x = block(x, ropes.get(block.attn.rope_kind), input_pos, masks)
         if logits_at is not None:
             x = x[torch.arange(x.size(0), device=x.device), logits_at].unsqueeze(1)
         x = self.ln_f(x)
@@ -214,10 +224,11 @@ class GPT(nn.Module):
 class Block(nn.Module):
     """One transformer layer.
 
-    Sequential residual (most families), the optional Gemma 2 norms in brackets:
+    Sequential residual (most families), the optional norms in brackets (Gemma 2 has all four,
+    OLMo 2 only the post-norms):
 
-        x ─┬─ norm_1 ─ attn ─[post_attention_norm]─ + ─┬─ norm_2 ─ mlp ─[post_mlp_norm]─ + ─>
-           └───────────────────────────────────────────┘└─────────────────────────────────┘
+        x ─┬─[norm_1]─ attn ─[post_attention_norm]─ + ─┬─[norm_2]─ mlp ─[post_mlp_norm]─ + ─>
+           └───────────────────────────────────────────┘└───────────────────────────────────┘
 
     Parallel residual (GPT-NeoX), both branches read the block's input:
 
@@ -229,12 +240,13 @@ class Block(nn.Module):
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
         self.config = config
-        self.norm_1 = make_norm(config, config.n_embd)
+        pre = make_norm if config.pre_norm else lambda config, size: nn.Identity()
+        self.norm_1 = pre(config, config.n_embd)
         self.attn = Attention(config, layer)
         if config.post_attention_norm:
             self.post_attention_norm = make_norm(config, config.n_embd)
-        self.norm_2 = make_norm(config, config.n_embd)
-        self.mlp = make_mlp(config)
+        self.norm_2 = pre(config, config.n_embd)
+        self.mlp = make_mlp(config, layer)
         if config.post_mlp_norm:
             self.post_mlp_norm = make_norm(config, config.n_embd)
 
@@ -266,9 +278,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.attn_bias)
         self.proj = nn.Linear(self.n_head * self.hs, config.n_embd, bias=config.bias)
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.hs, config.norm_eps, config.norm_unit_offset)
-            self.k_norm = RMSNorm(self.hs, config.norm_eps, config.norm_unit_offset)
+            q_size, k_size = self.hs, self.hs
+            if config.qk_norm_scope == "all":
+                q_size, k_size = self.n_head * self.hs, self.n_kv * self.hs
+            self.q_norm = RMSNorm(q_size, config.norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(k_size, config.norm_eps, config.norm_unit_offset)
+        self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.attention_sinks else None
         self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.rope_kind = config.rope_kind(layer)
         self.scale = config.attention_scale or 1 / math.sqrt(self.hs)
         self.kv_cache: Optional[KVCache] = None
 
@@ -285,10 +302,12 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(
             (self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs), dim=-1
         )
+        if self.config.qk_norm and self.config.qk_norm_scope == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)
-        if self.config.qk_norm:
+        if self.config.qk_norm and self.config.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -313,7 +332,7 @@ class Attention(nn.Module):
         """Scaled dot-product attention; `mask` None means causal over equal-length q and k."""
         softcapping = self.config.attention_logit_softcapping
         gqa = self.n_kv != self.n_head
-        if softcapping is None:
+        if softcapping is None and self.sinks is None:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=gqa
             )
@@ -323,9 +342,16 @@ class Attention(nn.Module):
         if gqa:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        scores = softcap((q @ k.transpose(-2, -1)) * self.scale, softcapping)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if softcapping is not None:
+            scores = softcap(scores, softcapping)
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        if self.sinks is None:
+            return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        # The sink is one more softmax entry per head, with no value: it only takes weight away.
+        sinks = self.sinks.to(scores.dtype)[:, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat((scores, sinks), dim=-1), dim=-1, dtype=torch.float32)
+        return probs[..., :-1].to(q.dtype) @ v
 
 
 def attention_mask(
@@ -419,103 +445,6 @@ def make_norm(config: Config, size: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(size, config.norm_eps, config.norm_unit_offset)
     return nn.LayerNorm(size, eps=config.norm_eps)
-
-
-class GeluMLP(nn.Module):
-    def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
-        self.approximate = config.gelu_approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
-
-
-class GatedMLP(nn.Module):
-    """SwiGLU / GeGLU: proj(act(fc_1(x)) * fc_2(x)); fc_1 is the gate."""
-
-    def __init__(self, config: Config, intermediate_size: Optional[int] = None) -> None:
-        super().__init__()
-        size = intermediate_size or config.intermediate_size
-        self.fc_1 = nn.Linear(config.n_embd, size, bias=config.bias)
-        self.fc_2 = nn.Linear(config.n_embd, size, bias=config.bias)
-        self.proj = nn.Linear(size, config.n_embd, bias=config.bias)
-        self.geglu = config.mlp == "geglu"
-        self.approximate = config.gelu_approximate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.fc_1(x)
-        gate = F.gelu(gate, approximate=self.approximate) if self.geglu else F.silu(gate)
-        return self.proj(gate * self.fc_2(x))
-
-
-class MoE(nn.Module):
-    """Mixture of SwiGLU experts: each token goes to its top-k experts, weighted by the router."""
-
-    def __init__(self, config: Config) -> None:
-        super().__init__()
-        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(config) for _ in range(config.n_expert))
-        self.k = config.n_expert_per_token
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, chosen = probs.topk(self.k, dim=-1)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            if token.numel():
-                y.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        return y.view(shape)
-
-
-def make_mlp(config: Config) -> nn.Module:
-    if config.mlp == "gelu":
-        return GeluMLP(config)
-    if config.mlp == "moe":
-        return MoE(config)
-    return GatedMLP(config)
-
-
-def rope_tables(config: Config, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (seq_len, rope_n_elem), float32, halves repeated (rotate-half RoPE)."""
-    n = config.rope_n_elem
-    inv_freq = 1.0 / (
-        config.rope_base ** (torch.arange(0, n, 2, device=device, dtype=torch.float32) / n)
-    )
-    scaling = config.rope_scaling or {}
-    if scaling.get("type") == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif scaling.get("type") == "llama3":
-        inv_freq = llama3_inv_freq(inv_freq, scaling)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    """Llama 3.1's frequency-dependent RoPE scaling: long wavelengths slowed by `factor`."""
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_seq_len"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.size(-1) dims of each head; the rest pass through (partial RoPE)."""
-    n = cos.size(-1)
-    rot, rest = x[..., :n], x[..., n:]
-    x1, x2 = rot[..., : n // 2], rot[..., n // 2 :]
-    rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:

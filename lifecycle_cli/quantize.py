@@ -80,7 +80,7 @@ def quantize_blocks(model: GPT, device=None) -> None:
 
     Linear4bit = _frozen_linear_4bit()
     for i, block in enumerate(model.blocks):
-        router = block.mlp.gate if model.config.mlp == "moe" else None
+        router = getattr(block.mlp, "gate", None)  # a mixture's router stays unquantized
         for name, module in list(block.named_modules(prefix=f"blocks.{i}")):
             if not isinstance(module, nn.Linear) or module is router:
                 continue

@@ -71,7 +71,95 @@ def hf_config(family: str):
         return T.GemmaConfig(**COMMON, head_dim=8)
     if family == "phi3":
         return T.Phi3Config(**COMMON, sliding_window=5)
+    if family in NEW_FAMILY_VARIANTS:
+        return NEW_FAMILY_VARIANTS[family]()
     raise ValueError(family)
+
+
+def _three_layers(**kw):
+    return {**COMMON, "num_hidden_layers": 3, **kw}
+
+
+def _yarn(**kw):
+    return dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=8.0, beta_slow=1.0,
+                original_max_position_embeddings=16, **kw)  # fmt: skip
+
+
+def _t():
+    import transformers as T
+
+    return T
+
+
+# The current-generation families, each in shapes that differ in size, GQA ratio and the
+# sliding window (every window shorter than the 14 tokens the parity tests run).
+NEW_FAMILY_VARIANTS = {
+    "olmo2": lambda: _t().Olmo2Config(**COMMON, rope_theta=500000.0),
+    "olmo2-mqa": lambda: _t().Olmo2Config(
+        **_three_layers(hidden_size=48, num_attention_heads=6, num_key_value_heads=1)
+    ),
+    "smollm3": lambda: _t().SmolLM3Config(**COMMON, no_rope_layer_interval=2),
+    "smollm3-mha": lambda: _t().SmolLM3Config(
+        **_three_layers(num_key_value_heads=4),
+        no_rope_layers=[1, 0, 0],
+        rope_theta=5e6,
+        tie_word_embeddings=True,
+    ),
+    "gemma3": lambda: _t().Gemma3TextConfig(
+        **_three_layers(),
+        head_dim=16,
+        query_pre_attn_scalar=QUERY_PRE_ATTN_SCALAR,
+        sliding_window=4,
+        sliding_window_pattern=3,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+        },
+    ),
+    "gemma3-capped": lambda: _t().Gemma3TextConfig(
+        **{**COMMON, "num_key_value_heads": 1},
+        head_dim=8,
+        sliding_window=5,
+        sliding_window_pattern=2,
+        attn_logit_softcapping=ATTN_CAP,
+        final_logit_softcapping=FINAL_CAP,
+    ),
+    "qwen3_moe": lambda: _t().Qwen3MoeConfig(
+        **_three_layers(),
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        mlp_only_layers=[1],
+        norm_topk_prob=True,
+    ),
+    "qwen3_moe-unnormed": lambda: _t().Qwen3MoeConfig(
+        **{**COMMON, "num_key_value_heads": 1},
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=16,
+        norm_topk_prob=False,
+        sliding_window=None,
+    ),
+    "gpt_oss": lambda: _t().GptOssConfig(
+        **COMMON,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=5,
+        rope_parameters=_yarn(truncate=False),
+        swiglu_limit=1.5,
+    ),
+    "gpt_oss-mha": lambda: _t().GptOssConfig(
+        **_three_layers(num_key_value_heads=4),
+        head_dim=8,
+        num_local_experts=8,
+        num_experts_per_tok=3,
+        sliding_window=3,
+        rope_parameters=_yarn(),
+        swiglu_limit=1.0,
+    ),
+}
 
 
 FAMILIES = (

@@ -66,11 +66,11 @@ def test_transformers_4_and_5_rope_keys_give_the_same_config():
 
 
 def test_unsupported_rope_scaling_is_refused():
-    with pytest.raises(UserError, match="rope scaling 'yarn' is not supported"):
+    with pytest.raises(UserError, match="rope scaling 'dynamic' is not supported"):
         config_from_hf({
             "model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
             "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "silu",
-            "rope_scaling": {"type": "yarn", "factor": 4.0},
+            "rope_scaling": {"type": "dynamic", "factor": 4.0},
         })  # fmt: skip
 
 

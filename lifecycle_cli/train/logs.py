@@ -91,10 +91,13 @@ class ProgressBar:
             dynamic_ncols=True, mininterval=0.5,
         )  # fmt: skip
 
-    def step(self, loss: Optional[float] = None, lr=0.0, tokens_per_sec=0.0, mfu=0.0) -> None:
-        """Advance one step; with a loss, also refresh the figures shown."""
+    def step(
+        self, loss: Optional[float] = None, lr=0.0, tokens_per_sec=0.0, mfu=0.0, extra: str = ""
+    ) -> None:
+        """Advance one step; with a loss, also refresh the figures shown (`extra` appended)."""
         if loss is not None:
             figures = f"loss {loss:.4f} lr {lr:.2e} {tokens_per_sec:,.0f} tok/s MFU {mfu:.1%}"
+            figures += extra
             self.bar.set_postfix_str(figures, refresh=False)
         self.bar.update(1)
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from lifecycle_cli.mlp import expert_load, moe_layers, router_loss
 from lifecycle_cli.train.args import EvalArgs, TrainArgs
 from lifecycle_cli.train.data import Batch, TrainData
 from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
@@ -56,9 +57,11 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     accumulation = args.accumulation(world)
     per_rank = args.global_batch_size // world
     log = None
+    moe = bool(moe_layers(model))  # a mixture of experts: router loss and expert load logged
     if rank0(fabric):
         tensorboard = run.logger == "tensorboard"
-        log = MetricsLog(run.out_dir, progress.step, tensorboard, run.extra_metrics)
+        extra = (*run.extra_metrics, *(MOE_METRICS if moe else ()))
+        log = MetricsLog(run.out_dir, progress.step, tensorboard, extra)
     peak = peak_flops(fabric.device.type, str(fabric.strategy.precision.precision))
     speed = Throughput(run.flops_per_token, peak, world)
     bar = ProgressBar(run.max_steps, progress.step, enabled=rank0(fabric))
@@ -74,6 +77,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             model.train()
             first = progress.samples + fabric.global_rank * per_rank
             loss_sum = torch.zeros((), device=fabric.device)
+            router_sum = torch.zeros((), device=fabric.device)
             tokens = torch.zeros((), device=fabric.device, dtype=torch.long)
             for micro in range(accumulation):
                 start = first + micro * args.micro_batch_size
@@ -81,8 +85,11 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
                 batch = fabric.to_device(batch)
                 with fabric.no_backward_sync(model, enabled=micro < accumulation - 1):
                     loss = run.objective(model, batch)
-                    fabric.backward(loss / accumulation)
+                    router = router_loss(model)  # None without experts
+                    fabric.backward((loss if router is None else loss + router) / accumulation)
                 loss_sum += loss.detach()
+                if router is not None:
+                    router_sum += router.detach()
                 tokens += count_tokens(batch)
             grad_norm = None
             if args.max_norm is not None:
@@ -101,11 +108,15 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
                 train_loss = fabric.all_reduce(loss_sum / accumulation, reduce_op="mean").item()
                 rate, mfu = speed.measure()
                 bar_values = dict(train_loss=train_loss, lr=lr, tokens_per_sec=rate, mfu=mfu)
+                moe_values, shown = moe_figures(model, router_sum / accumulation)
                 if log is not None:
                     norm = None if grad_norm is None else float(grad_norm)
-                    log.log(progress.step, tokens=progress.tokens, grad_norm=norm, **bar_values)
+                    log.log(
+                        progress.step, tokens=progress.tokens, grad_norm=norm, **bar_values,
+                        **moe_values,
+                    )  # fmt: skip
                 run.history.append({"step": progress.step, "train_loss": train_loss})
-                bar.step(train_loss, lr, rate, mfu)
+                bar.step(train_loss, lr, rate, mfu, shown)
             else:
                 bar.step()
 
@@ -127,6 +138,20 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     if progress.step == run.max_steps and rank0(fabric):
         plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")
     return progress
+
+
+MOE_METRICS = ("router_loss", "experts_used", "expert_max_load")
+
+
+def moe_figures(model, router: torch.Tensor) -> tuple[dict[str, float], str]:
+    """Router loss (this step's mean) and expert load (last micro-batch): for metrics.csv, and
+    as the progress line shows them."""
+    load = expert_load(model)
+    if load is None:
+        return {}, ""
+    used, busiest = load
+    values = dict(router_loss=router.item(), experts_used=used, expert_max_load=busiest)
+    return values, f" router {values['router_loss']:.4f} experts {used:.0%} max {busiest:.2f}x"
 
 
 def checkpoint(fabric, model, optimizer, run: Run, progress: Progress, bar) -> None:

@@ -42,8 +42,9 @@ def flops_per_token(config: Config, seq_length: int) -> float:
     """
     n = n_params(config) + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
     if config.mlp == "moe":
-        expert = 3 * config.n_embd * config.intermediate_size
-        n -= config.n_layer * expert * (config.n_expert - config.n_expert_per_token)
+        expert = 3 * config.n_embd * config.expert_intermediate_size
+        sparse = sum(config.is_moe(i) for i in range(config.n_layer))
+        n -= sparse * expert * (config.n_expert - config.n_expert_per_token)
     attention = 6 * config.n_layer * config.n_head * config.head_size * seq_length
     return 6 * n + attention
 

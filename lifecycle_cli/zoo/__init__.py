@@ -13,9 +13,22 @@ from typing import Any
 
 from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
-from lifecycle_cli.zoo import gemma, gpt2, gpt_neox, llama, mistral, phi3, qwen
+from lifecycle_cli.zoo import (
+    gemma,
+    gpt2,
+    gpt_neox,
+    gpt_oss,
+    llama,
+    mistral,
+    olmo,
+    phi3,
+    qwen,
+    smollm,
+)
 
-FAMILIES: tuple[ModuleType, ...] = (gpt2, gpt_neox, llama, mistral, qwen, gemma, phi3)
+FAMILIES: tuple[ModuleType, ...] = (
+    gpt2, gpt_neox, llama, mistral, qwen, gemma, phi3, olmo, smollm, gpt_oss,
+)  # fmt: skip
 
 
 def supported_model_types() -> list[str]:

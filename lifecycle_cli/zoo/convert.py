@@ -49,6 +49,11 @@ ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -91,7 +96,9 @@ def convert_hf_checkpoint(
     files = hf_weight_files(hf_dir)
     tensors = iter_hf_tensors(hf_dir)
     if hasattr(family, "canonical_hf_name"):
-        tensors = ((family.canonical_hf_name(n), t) for n, t in tensors)
+        # None: a tensor the family does not convert (Gemma 3's vision tower)
+        named = ((family.canonical_hf_name(n), t) for n, t in tensors)
+        tensors = ((n, t) for n, t in named if n is not None)
     rules = family.weight_rules(config)
     with atomic_dir(out_dir) as tmp, progress_bar(files, f"Converting {config.name}") as bar:
         config.save(tmp / CONFIG_FILE)
@@ -207,7 +214,70 @@ def transform(kind: str, parts: list, config: Config, to_ours: bool) -> list:
         if to_ours:
             return [t.view(nh, 3, hs, *rest).transpose(0, 1).reshape(3 * nh * hs, *rest)]
         return [t.view(3, nh, hs, *rest).transpose(0, 1).reshape(3 * nh * hs, *rest)]
+    if kind.startswith(("experts", "mxfp4")):
+        return expert_transform(kind, parts, to_ours)
     raise ValueError(f"unknown rule kind {kind!r}")
+
+
+def expert_transform(kind: str, parts: list, to_ours: bool):
+    """Fused per-layer expert tensors (GPT-OSS) <-> one tensor per expert.
+
+    experts_gate_up  hf (E, H, 2I) weights or (E, 2I) biases, gate and up interleaved along the
+                     last dimension <-> ours fc_1 of every expert, then fc_2 of every expert
+    experts_down     hf (E, I, H) <-> ours proj.weight (H, I) of every expert
+    experts          hf (E, ...) <-> ours one slice per expert
+    mxfp4_*          hf (blocks, scales) -> the same as experts_gate_up / experts_down, each
+                     expert dequantized on its own (a generator: one expert in memory at a time)
+    """
+    import torch
+
+    if kind.startswith("mxfp4"):
+        blocks, scales = parts
+        per_expert = (dequantize_mxfp4(b, s) for b, s in zip(blocks, scales))  # (rows, cols)
+        if kind == "mxfp4_down":
+            return per_expert
+        gate = (w[::2].contiguous() for w in per_expert)
+        up = (dequantize_mxfp4(b, s)[1::2].contiguous() for b, s in zip(blocks, scales))
+        return (t for half in (gate, up) for t in half)
+    if to_ours:
+        t = parts[0]
+        if kind == "experts_gate_up":
+            halves = (t[..., ::2], t[..., 1::2])
+            return [(h[e].T if t.dim() == 3 else h[e]).contiguous() for h in halves for e in
+                    range(t.size(0))]  # fmt: skip
+        if kind == "experts_down":
+            return [w.T.contiguous() for w in t]
+        return [w.clone() for w in t]
+    if kind == "experts_gate_up":
+        n = len(parts) // 2
+        gate, up = torch.stack(parts[:n]), torch.stack(parts[n:])
+        if gate.dim() == 3:  # (E, I, H) -> (E, H, I)
+            gate, up = gate.transpose(1, 2), up.transpose(1, 2)
+        return [torch.stack((gate, up), dim=-1).flatten(-2).contiguous()]
+    if kind == "experts_down":
+        return [torch.stack(parts).transpose(1, 2).contiguous()]
+    return [torch.stack(parts)]
+
+
+# The 16 values of an FP4 (E2M1) code; the byte's low nibble holds the first of two values.
+FP4_VALUES = (
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+)  # fmt: skip
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 (OCP microscaling): `blocks` (rows, G, 16) uint8 hold 32 FP4 values per group,
+    `scales` (rows, G) uint8 a power-of-two exponent per group (biased by 127). -> (rows, G*32)
+    bfloat16 (exact: every value is an FP4 value times a power of two)."""
+    import torch
+
+    lut = torch.tensor(FP4_VALUES, dtype=torch.bfloat16)
+    blocks = blocks.to(torch.uint8)
+    out = torch.empty(*blocks.shape[:-1], blocks.size(-1) * 2, dtype=torch.bfloat16)
+    out[..., 0::2] = lut[(blocks & 0x0F).long()]
+    out[..., 1::2] = lut[(blocks >> 4).long()]
+    out = torch.ldexp(out.float(), scales.to(torch.int32)[..., None] - 127).to(torch.bfloat16)
+    return out.flatten(-2)
 
 
 def tied_head(name: str, config: Config) -> bool:

@@ -57,6 +57,8 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """RoPE fields from a config.json written by transformers 4 (rope_theta, rope_scaling) or
     5 (rope_parameters)."""
     params = hf.get("rope_parameters") or {}
+    if "full_attention" in params:  # per layer kind (Gemma 3): the global layers' RoPE
+        params = params["full_attention"]
     scaling = hf.get("rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     out: dict[str, Any] = {
@@ -76,9 +78,20 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         }
     elif kind == "linear":
         out["rope_scaling"] = {"type": "linear", "factor": float(scaling["factor"])}
+    elif kind == "yarn" and not (scaling.get("mscale") or scaling.get("mscale_all_dim")):
+        out["rope_scaling"] = {
+            "type": "yarn",
+            "factor": float(scaling["factor"]),
+            "beta_fast": float(scaling.get("beta_fast") or 32.0),
+            "beta_slow": float(scaling.get("beta_slow") or 1.0),
+            "original_max_seq_len": int(require(scaling, "original_max_position_embeddings")),
+            "truncate": bool(scaling.get("truncate", True)),
+            "attention_factor": scaling.get("attention_factor"),
+        }
     elif kind != "default":
         raise UserError(
-            f"config.json: rope scaling {kind!r} is not supported (supported: llama3, linear)"
+            f"config.json: rope scaling {kind!r} is not supported (supported: llama3, linear, "
+            "yarn without mscale)"
         )
     return out
 
@@ -94,6 +107,17 @@ def rope_to_hf(config: Config) -> dict[str, Any]:
             "high_freq_factor": s["high_freq_factor"],
             "original_max_position_embeddings": s["original_max_seq_len"],
         }
+    elif s and s["type"] == "yarn":
+        out["rope_scaling"] = {
+            "rope_type": "yarn",
+            "factor": s["factor"],
+            "beta_fast": s["beta_fast"],
+            "beta_slow": s["beta_slow"],
+            "original_max_position_embeddings": s["original_max_seq_len"],
+            "truncate": s["truncate"],
+        }
+        if s.get("attention_factor") is not None:
+            out["rope_scaling"]["attention_factor"] = s["attention_factor"]
     elif s:
         out["rope_scaling"] = {"rope_type": "linear", "factor": s["factor"]}
     if config.rotary_percentage != 1.0:

@@ -116,6 +116,7 @@ def llama_rules(
     fused_qkv: bool = False,
     fused_gate_up: bool = False,
     qk_norm: bool = False,
+    experts: str = "mixtral",
 ) -> list[Rule]:
     """The Llama layout: model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}.
 
@@ -135,45 +136,62 @@ def llama_rules(
     rules = [
         rule("wte.weight", "model.embed_tokens.weight"),
         rule("ln_f.weight", "model.norm.weight"),
-        rule("blocks.{}.norm_1.weight", "model.layers.{}.input_layernorm.weight"),
         *qkv,
         *linear_rules("blocks.{}.attn.proj", f"{a}.o_proj", config.bias),
     ]
+    if config.pre_norm:
+        rules.append(rule("blocks.{}.norm_1.weight", "model.layers.{}.input_layernorm.weight"))
     if qk_norm:
         rules += [
             rule("blocks.{}.attn.q_norm.weight", f"{a}.q_norm.weight"),
             rule("blocks.{}.attn.k_norm.weight", f"{a}.k_norm.weight"),
         ]
     layer = "model.layers.{}"
-    if config.post_attention_norm:  # Gemma 2 names its norms after where they sit
+    if config.post_attention_norm:  # Gemma 2 and OLMo 2 name their norms after where they sit
         rules += [
             rule(
                 "blocks.{}.post_attention_norm.weight", f"{layer}.post_attention_layernorm.weight"
             ),
-            rule("blocks.{}.norm_2.weight", f"{layer}.pre_feedforward_layernorm.weight"),
             rule("blocks.{}.post_mlp_norm.weight", f"{layer}.post_feedforward_layernorm.weight"),
         ]
-    else:
+        if config.pre_norm:
+            rules.append(
+                rule("blocks.{}.norm_2.weight", f"{layer}.pre_feedforward_layernorm.weight")
+            )
+    elif config.pre_norm:
         rules.append(rule("blocks.{}.norm_2.weight", f"{layer}.post_attention_layernorm.weight"))
     if config.mlp == "moe":
-        e = "model.layers.{}.block_sparse_moe"
-        rules += [
-            rule("blocks.{}.mlp.gate.weight", f"{e}.gate.weight"),
-            rule("blocks.{}.mlp.experts.{}.fc_1.weight", f"{e}.experts.{{}}.w1.weight"),
-            rule("blocks.{}.mlp.experts.{}.fc_2.weight", f"{e}.experts.{{}}.w3.weight"),
-            rule("blocks.{}.mlp.experts.{}.proj.weight", f"{e}.experts.{{}}.w2.weight"),
-        ]
-    elif fused_gate_up:
-        ours = ("blocks.{}.mlp.fc_1.weight", "blocks.{}.mlp.fc_2.weight")
-        rules.append(rule(ours, f"{m}.gate_up_proj.weight", "halves"))
-        rules += linear_rules("blocks.{}.mlp.proj", f"{m}.down_proj", config.bias)
-    else:
-        rules += linear_rules("blocks.{}.mlp.fc_1", f"{m}.gate_proj", config.bias)
-        rules += linear_rules("blocks.{}.mlp.fc_2", f"{m}.up_proj", config.bias)
-        rules += linear_rules("blocks.{}.mlp.proj", f"{m}.down_proj", config.bias)
+        rules += expert_rules(config, *(EXPERT_NAMES[experts]))
+    if config.mlp != "moe" or config.dense_layers:
+        if fused_gate_up:
+            ours = ("blocks.{}.mlp.fc_1.weight", "blocks.{}.mlp.fc_2.weight")
+            rules.append(rule(ours, f"{m}.gate_up_proj.weight", "halves"))
+            rules += linear_rules("blocks.{}.mlp.proj", f"{m}.down_proj", config.bias)
+        else:
+            rules += linear_rules("blocks.{}.mlp.fc_1", f"{m}.gate_proj", config.bias)
+            rules += linear_rules("blocks.{}.mlp.fc_2", f"{m}.up_proj", config.bias)
+            rules += linear_rules("blocks.{}.mlp.proj", f"{m}.down_proj", config.bias)
     if not config.tie_embeddings:
         rules.append(rule("lm_head.weight", "lm_head.weight"))
     return rules
+
+
+# How checkpoints name a mixture's router and experts: (block, router, gate, up, down).
+EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2"),
+    "qwen": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def expert_rules(config: Config, block: str, router: str, gate: str, up: str, down: str):
+    """One tensor per expert and projection: model.layers.N.{block}.experts.E.{gate,up,down}."""
+    e = f"model.layers.{{}}.{block}"
+    return [
+        *linear_rules("blocks.{}.mlp.gate", f"{e}.{router}", config.router_bias),
+        rule("blocks.{}.mlp.experts.{}.fc_1.weight", f"{e}.experts.{{}}.{gate}.weight"),
+        rule("blocks.{}.mlp.experts.{}.fc_2.weight", f"{e}.experts.{{}}.{up}.weight"),
+        rule("blocks.{}.mlp.experts.{}.proj.weight", f"{e}.experts.{{}}.{down}.weight"),
+    ]
 
 
 def weight_rules(config: Config) -> list[Rule]:
