@@ -15,7 +15,7 @@ def evaluate(
     limit: Optional[int] = None,
     batch_size: int = 8,
     num_fewshot: Optional[int] = None,
-    seed: int = 42,
+    seed: Optional[int] = None,
     stride: Optional[int] = None,
     max_new_tokens: Optional[int] = None,
     prompt_style: Optional[str] = None,
@@ -49,8 +49,9 @@ def evaluate(
         batch_size: Sequences per forward pass when scoring log-likelihoods.
         num_fewshot: Solved examples before each question (multiple_choice; lm_eval tasks:
             default their own setting).
-        seed: Seed of few-shot draws, of lm-eval's samplers and of which synthetic examples
-            are drawn (finetune's --data.seed, default 42).
+        seed: Seed of few-shot draws and of which synthetic examples are drawn (finetune's
+            --data.seed; default 42); for lm_eval tasks all of lm-eval's seeds (default: its
+            own).
         stride: Perplexity: tokens each sliding window advances (default: the whole context).
         max_new_tokens: Longest generated answer (exact_match/synthetic: 32, judge: 256).
         prompt_style: How exact_match, synthetic and judge prompts are formatted (default: the

@@ -48,7 +48,7 @@ class Settings:
     limit: Optional[int] = None
     batch_size: int = 8
     num_fewshot: Optional[int] = None
-    seed: int = 42
+    seed: Optional[int] = None
     stride: Optional[int] = None
     max_new_tokens: Optional[int] = None
     prompt_style: Optional[str] = None

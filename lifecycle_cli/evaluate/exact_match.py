@@ -26,6 +26,10 @@ MAX_NEW_TOKENS = 32
 SYNTHETIC_SIZE = 100  # finetune's --exact_match_samples
 
 
+def seed_of(settings) -> int:
+    return 42 if settings.seed is None else settings.seed  # finetune's --data.seed
+
+
 def generate_answers(
     model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop=(), progress=None
 ) -> list[str]:
@@ -71,7 +75,7 @@ def synthetic_records(arg: str, settings) -> list[dict]:
 
     n = settings.limit if settings.limit is not None else SYNTHETIC_SIZE
     names = synthetic_names(arg)
-    _, val = make_examples(names, 0, -(-n // len(names)), settings.seed)
+    _, val = make_examples(names, 0, -(-n // len(names)), seed_of(settings))
     return val[:n]
 
 

@@ -75,7 +75,8 @@ class Context:
         return self.llm.generator()
 
     def rng(self, task: str) -> random.Random:
-        return random.Random(f"{self.settings.seed}/{task}")
+        seed = 42 if self.settings.seed is None else self.settings.seed
+        return random.Random(f"{seed}/{task}")
 
     def progress(self, desc: str, total: int) -> Callable[[int], None]:
         """A bar on stderr; call the result with how many items were done."""
@@ -129,7 +130,7 @@ def run(
     names = labels(checkpoints)
     per_checkpoint: list[list[TaskResult]] = []
     for checkpoint in checkpoints:
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(42 if settings.seed is None else settings.seed)
         ctx = Context(checkpoint, settings, device, precision)
         results: list[TaskResult] = []
         for kind, args in groups(specs):
