@@ -47,7 +47,11 @@ def folder_name(task: str) -> str:
     """A task name as a folder name: 'multiple_choice:data/mc.jsonl' -> 'multiple_choice-mc'."""
     kind, _, arg = task.partition(":")
     stem = Path(arg).stem if ("/" in arg or "." in arg) else arg
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{kind}-{stem}")
+    return safe_name(f"{kind}-{stem}")
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "_"
 
 
 def labels(checkpoints: Sequence[Path]) -> list[str]:

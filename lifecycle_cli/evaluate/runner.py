@@ -25,6 +25,7 @@ from lifecycle_cli.evaluate.results import (
     format_table,
     labels,
     result_rows,
+    safe_name,
     write_json_atomic,
     write_samples,
 )
@@ -144,7 +145,7 @@ def run(
     if out_dir is not None:
         out_dir = Path(out_dir)
         for name, results in zip(names, per_checkpoint):
-            base = out_dir if len(checkpoints) == 1 else out_dir / folder_name(name)
+            base = out_dir if len(checkpoints) == 1 else out_dir / safe_name(name)
             for r in results:
                 write_samples(base / folder_name(r.task) / "samples.jsonl", r.samples)
         write_json_atomic(
