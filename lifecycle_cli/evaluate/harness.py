@@ -11,6 +11,7 @@ generation is the one decoder, a batch of requests at a time.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from lifecycle_cli.errors import UserError
@@ -28,14 +29,21 @@ def require_lm_eval():
 
 
 def task_manager(settings):
-    from lm_eval.tasks import TaskManager
-
+    """lm-eval's TaskManager with --lm_eval.include_path (built once per set of folders: it
+    indexes every task lm-eval ships, which takes seconds)."""
     paths = settings.lm_eval.include_path
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     for p in paths or ():
         if not Path(p).is_dir():
             raise UserError(f"--lm_eval.include_path: {p} is not a folder")
-    return TaskManager(include_path=[str(p) for p in paths] if paths else None)
+    return _manager(tuple(str(Path(p).resolve()) for p in paths or ()))
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(paths: tuple[str, ...]):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) if paths else None)
 
 
 def check(args: list[str], settings, n_checkpoints: int) -> None:
