@@ -133,7 +133,7 @@ class Judge:
                     raise TypeError("content is not a string")
                 return content, None
             except urllib.error.HTTPError as err:
-                error = f"HTTP {err.code}"
+                error = f"HTTP {err.code}{_message(err)}"
                 if 400 <= err.code < 500 and err.code not in (408, 429):
                     break  # the request itself is wrong: retrying will not help
             except (urllib.error.URLError, OSError) as err:
@@ -141,6 +141,14 @@ class Judge:
             except (ValueError, KeyError, IndexError, TypeError) as err:
                 error = f"unexpected reply: {err!r:.80}"
         return None, error
+
+
+def _message(err: urllib.error.HTTPError) -> str:
+    """': <the error message>' of an OpenAI-style error body, if it has one."""
+    try:
+        return f": {json.loads(err.read())['error']['message']}"
+    except Exception:  # any body at all, or none
+        return ""
 
 
 def answers(ctx, records: list[dict]) -> list[str]:
