@@ -204,3 +204,40 @@ def test_bad_task_lists_and_files_exit_2_on_one_line(ckpt, tmp_path):
         with pytest.raises(UserError) as err:
             evaluate(ckpt, tasks)
         assert all(w in str(err.value) for w in words), err.value
+
+
+PROBE = """
+import sys
+if sys.argv[1] == "no-lm-eval":
+    sys.modules["lm_eval"] = None  # as if lm-evaluation-harness were not installed
+from lifecycle_cli.cli import main
+try:
+    code = main(sys.argv[2:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "lightning", "transformers"})
+print("HEAVY", heavy)
+sys.exit(code)
+"""
+
+
+def probe(*args: str):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", PROBE, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_without_torch_and_lm_eval_missing_is_one_line_exit_2(tmp_path):
+    proc = probe("-", "evaluate", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
+    for flag in ("--tasks", "--limit", "--num_fewshot", "--judge.url", "--lm_eval.include_path"):
+        assert flag in proc.stdout
+    proc = probe("no-lm-eval", "evaluate", str(tmp_path), "--tasks", "lm_eval:arc_easy")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr
+        == "error: lm_eval tasks need lm-evaluation-harness: pip install 'llmcycle[eval]'\n"
+    )
