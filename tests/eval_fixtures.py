@@ -45,6 +45,7 @@ MC = [
     {"question": "Which is a number?", "choices": ["seven", "table", "run"], "answer": 0},
     {"question": "Python is a", "choices": ["language", "river"], "answer": 0},
     {"question": "Opposite of up", "choices": ["down", "left", "red"], "answer": 0},
+    {"question": "Say it in full", "choices": ["no", "all of it, at length"], "answer": 1},
 ]
 
 GEN = [

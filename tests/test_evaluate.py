@@ -96,6 +96,11 @@ def test_perplexity_multiple_choice_and_results_files(ckpt, tmp_path, capsys):
         assert row["prompt"] == f"Question: {record['question']}\nAnswer:"
         best = max(range(len(row["loglikelihoods"])), key=row["loglikelihoods"].__getitem__)
         assert row["acc"] == float(best == record["answer"])
+        per_byte = [
+            ll / len(f" {c}".encode()) for ll, c in zip(row["loglikelihoods"], row["choices"])
+        ]
+        best_norm = max(range(len(per_byte)), key=per_byte.__getitem__)
+        assert row["acc_norm"] == float(best_norm == record["answer"])
     acc = r[(name, f"multiple_choice:{tmp_path / 'mc.jsonl'}", "acc")]
     assert acc["value"] == pytest.approx(sum(row["acc"] for row in mc) / len(mc))
     assert acc["n"] == len(MC) and acc["stderr"] is not None

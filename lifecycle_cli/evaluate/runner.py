@@ -71,10 +71,6 @@ class Context:
 
         return choose_style(self.settings.prompt_style, self.checkpoint_dir, self.tokenizer)
 
-    @property
-    def generator(self):
-        return self.llm.generator()
-
     def rng(self, task: str) -> random.Random:
         seed = 42 if self.settings.seed is None else self.settings.seed
         return random.Random(f"{seed}/{task}")
