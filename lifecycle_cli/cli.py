@@ -52,7 +52,10 @@ VERBS: dict[str, Verb] = {
         target="lifecycle_cli.commands.finetune:finetune",
     ),
     "align": Verb("Align a model to preferences (DPO, IPO, SimPO, ORPO)."),
-    "evaluate": Verb("Measure a model: perplexity, multiple choice, exact match, ..."),
+    "evaluate": Verb(
+        "Measure a model: perplexity, multiple choice, exact match, lm-eval tasks, a judge.",
+        target="lifecycle_cli.commands.evaluate:evaluate",
+    ),
     "chat": Verb("Talk to a model in the terminal.", target="lifecycle_cli.commands.chat:chat"),
     "generate": Verb(
         "Generate text from a prompt.", target="lifecycle_cli.commands.generate:generate"

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import json
 import re
 import types
 import typing
@@ -36,14 +37,26 @@ def leading_parameters(fn: Callable[..., object]) -> list[str]:
     return [p.name for p in params[: max(required, default=0) + 1]]
 
 
-def values_to_flags(names: list[str], args: list[str]) -> list[str]:
+def values_to_flags(names: list[str], args: list[str], many: bool = False) -> list[str]:
     """`ckpt --out_dir d` -> `--checkpoint_dir ckpt --out_dir d`: values before the first flag
-    fill `names` in order, LitGPT style. Anything else is left for the parser to judge."""
+    fill `names` in order, LitGPT style. many: the last name takes a list, and two or more
+    values left for it become one (`evaluate a b` -> `--checkpoint_dir '["a", "b"]'`). Anything
+    else is left for the parser to judge."""
     flags: list[str] = []
     while args and names and not args[0].startswith("-"):
-        flags += [f"--{names[0]}", args[0]]
-        names, args = names[1:], args[1:]
+        n = 1
+        if many and len(names) == 1:
+            while n < len(args) and not args[n].startswith("-"):
+                n += 1
+        value = args[0] if n == 1 else json.dumps(args[:n])
+        flags += [f"--{names[0]}", value]
+        names, args = names[1:], args[n:]
     return flags + args
+
+
+def _takes_list(fn: Callable[..., object], name: str) -> bool:
+    annotation = str(inspect.signature(fn).parameters[name].annotation)
+    return "list[" in annotation
 
 
 def build_parser(prog: str, fn: Callable[..., object], help: str = ""):
@@ -71,7 +84,7 @@ def parse_flags(
     """The keyword arguments for `fn` given by the command line `args` (bare leading values
     included); anything wrong with them is a UserError of one line."""
     leading = leading_parameters(fn)
-    args = values_to_flags(leading, list(args))
+    args = values_to_flags(leading, list(args), bool(leading) and _takes_list(fn, leading[-1]))
     parser = build_parser(prog, fn, help)
     problem = Problem(parser, prog, args, read_configs(prog, args), leading)
     try:

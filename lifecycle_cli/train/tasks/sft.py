@@ -53,7 +53,9 @@ class SFTTask(CheckpointTask):
         items = self.val_data.eval_items()[: self.samples]
 
         def measure(model) -> dict[str, float]:
-            answered = exact_match(unwrap(model), self.tokenizer, items, self.max_new_tokens)
+            answered = exact_match(
+                unwrap(model), self.tokenizer, items, self.max_new_tokens, self.style.stop
+            )
             return {"exact_match": answered}
 
         return measure
@@ -75,17 +77,9 @@ def choose_style(name: Optional[str], checkpoint_dir: Path, tokenizer):
     return get_style(name, tokenizer)
 
 
-def exact_match(model, tokenizer, items, max_new_tokens: int) -> float:
+def exact_match(model, tokenizer, items, max_new_tokens: int, stop=()) -> float:
     """Share of validation items (prompt ids, expected answer) whose greedy answer equals the
-    expected one."""
-    from lifecycle_cli.data.synthetic import exact_match as same
-    from lifecycle_cli.generate import Generator, SamplingParams
+    expected one: the same measure as `llmcycle evaluate`'s exact match."""
+    from lifecycle_cli.evaluate.exact_match import answer_rate
 
-    generator = Generator(model, tokenizer)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    answers = []
-    for start in range(0, len(items), 32):
-        answers += generator.generate_batch([ids for ids, _ in items[start : start + 32]], params)
-    model.clear_kv_cache()
-    hits = sum(same(a.text, expected) for a, (_, expected) in zip(answers, items))
-    return hits / max(1, len(items))
+    return answer_rate(model, tokenizer, items, max_new_tokens, stop)
