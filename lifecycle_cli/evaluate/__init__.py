@@ -1,0 +1,1 @@
+"""Evaluation: measuring a model."""
