@@ -178,8 +178,6 @@ def test_resume_after_sigkill_continues_exactly(flags, base, pairs, tmp_path):
         [sys.executable, "-m", "lifecycle_cli", *args, "--out_dir", str(killed)],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    done = llmcycle(*args, "--out_dir", str(straight), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
     deadline = time.time() + 300
     while not (killed / "step-000004").exists() and proc.poll() is None:
         assert time.time() < deadline
@@ -187,6 +185,8 @@ def test_resume_after_sigkill_continues_exactly(flags, base, pairs, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before it could be killed"
+    done = llmcycle(*args, "--out_dir", str(straight), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
     if "--precompute_ref" in flags:
         computed = (killed / "reference_logps.safetensors").stat().st_mtime_ns
 
@@ -235,8 +235,10 @@ def test_ddp_and_fsdp_equal_one_process(base, pairs, tmp_path):
     "flags, message",
     [
         (["--objective", "dpo", "--gamma", "1"], "--gamma does not apply to --objective dpo"),
-        (["--objective", "simpo", "--precompute_ref", "true"],
-         "--precompute_ref: --objective simpo uses no reference model"),  # fmt: skip
+        (
+            ["--objective", "simpo", "--precompute_ref", "true"],
+            "--precompute_ref: --objective simpo uses no reference model",
+        ),  # fmt: skip
         (["--objective", "orpo", "--beta", "0.2"], "--beta does not apply to --objective orpo"),
         (["--train.max_seq_length", "8"], ":1: the prompt alone is"),
         (["--ref_checkpoint", "nowhere"], "nowhere"),

@@ -148,11 +148,15 @@ def test_implicit_prompt_conversations_give_the_same_pair(tokenizer, tmp_path):
         ({"prompt": "q", "chosen": "a"}, ":2: missing field 'rejected'"),
         ({"chosen": "a", "rejected": "b"}, ":2: missing field 'prompt'"),
         ({"prompt": "q", "chosen": " ", "rejected": "b"}, ":2: field 'chosen' is empty"),
-        ({"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": ""}]},
-         ":2: field 'rejected' is empty"),  # fmt: skip
+        (
+            {"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": ""}]},
+            ":2: field 'rejected' is empty",
+        ),  # fmt: skip
         ({"prompt": "q", "chosen": "a", "rejected": "a"}, ":2: 'chosen' and 'rejected' are the"),
-        ({"prompt": [{"role": "bot", "content": "q"}], "chosen": "a", "rejected": "b"},
-         ":2: message 1: unknown role 'bot'"),  # fmt: skip
+        (
+            {"prompt": [{"role": "bot", "content": "q"}], "chosen": "a", "rejected": "b"},
+            ":2: message 1: unknown role 'bot'",
+        ),  # fmt: skip
     ],
 )
 def test_a_bad_pair_is_named_by_file_and_line(record, message, tmp_path):
