@@ -178,7 +178,7 @@ def test_resume_after_sigkill_continues_exactly(flags, base, pairs, tmp_path):
         [sys.executable, "-m", "lifecycle_cli", *args, "--out_dir", str(killed)],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not (killed / "step-000004").exists() and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.005)
@@ -206,7 +206,7 @@ def test_ddp_and_fsdp_equal_one_process(base, pairs, tmp_path):
     flags = [
         "--data.path", str(pairs), "--train.max_steps", "3", "--train.global_batch_size", "8",
         "--train.micro_batch_size", "4", "--train.epochs", "null", "--train.lr", "3e-3",
-        "--eval.interval", "100", "--eval.final_validation", "false", "--lora.dropout", "0",
+        "--eval.interval", "100", "--preference_samples", "8", "--lora.dropout", "0",
         "--lora.embedding", "true", "--prompt_style", "chatml",
     ]  # fmt: skip
     runs = {
@@ -220,7 +220,9 @@ def test_ddp_and_fsdp_equal_one_process(base, pairs, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     one = losses(tmp_path / "single")
     single = weights(tmp_path / "single" / "final")
+    val = losses(tmp_path / "single", "reward_accuracy")
     for name in ("ddp", "fsdp"):
+        assert losses(tmp_path / name, "reward_accuracy") == val  # score_pairs on every rank
         many = losses(tmp_path / name)
         assert many.keys() == one.keys()
         for step in one:

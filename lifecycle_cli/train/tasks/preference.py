@@ -234,9 +234,13 @@ class PreferenceTask(CheckpointTask):
         return torch.cat(out)
 
     def fingerprint(self) -> str:
-        """What the reference log-probs depend on: the reference's weights (by folder) and every
-        token of every pair."""
-        h = hashlib.sha256(str(self.ref_checkpoint or self.checkpoint_dir).encode())
+        """What the reference log-probs depend on: the reference's weight files (path, size,
+        modification time) and every token of every pair."""
+        from lifecycle_cli.checkpoint import weight_files
+
+        h = hashlib.sha256()
+        for f in weight_files(self.ref_checkpoint or self.checkpoint_dir):
+            h.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
         for data in (self.train_data, self.val_data):
             for tokens in (data.chosen, data.rejected):
                 h.update(tokens._ids.tobytes())
