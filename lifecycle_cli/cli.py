@@ -51,7 +51,10 @@ VERBS: dict[str, Verb] = {
         "Finetune a model on instructions or a task (full or LoRA).",
         target="lifecycle_cli.commands.finetune:finetune",
     ),
-    "align": Verb("Align a model to preferences (DPO, IPO, SimPO, ORPO)."),
+    "align": Verb(
+        "Align a model to preferences (DPO, IPO, SimPO, ORPO).",
+        target="lifecycle_cli.commands.align:align",
+    ),
     "evaluate": Verb(
         "Measure a model: perplexity, multiple choice, exact match, lm-eval tasks, a judge.",
         target="lifecycle_cli.commands.evaluate:evaluate",

@@ -25,11 +25,13 @@ torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +117,12 @@ def _lora_linear() -> type:
             rows = [slice(start, start + size) for start, size in self.parts]
             return zip(rows, self.lora_A.split(self.r), bs)
 
+        adapters_on = True  # `adapters_disabled` switches it off
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.base_forward(self, x)
+            if not self.adapters_on:
+                return y
             ax = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
             if self.parts == ((0, self.out_features),):
                 return y + F.linear(ax, self.lora_B)
@@ -162,7 +168,11 @@ def _lora_embedding() -> tuple[type, type]:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.train(base.training)
 
+        adapters_on = True
+
         def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            if not self.adapters_on:
+                return F.embedding(idx, self.weight)
             delta = F.embedding(idx, self.lora_B) @ self.lora_A
             return F.embedding(idx, self.weight) + delta * self.scaling
 
@@ -189,6 +199,8 @@ def _lora_embedding() -> tuple[type, type]:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             e = self.embedding  # read at call time: FSDP swaps the embedding's parameters
+            if not e.adapters_on:
+                return F.linear(x, self.weight, self.bias)
             delta = F.linear(F.linear(x, e.lora_A), e.lora_B)
             return F.linear(x, self.weight, self.bias) + delta * e.scaling
 
@@ -268,6 +280,20 @@ def _adapted(model) -> dict:
     """The model's adapted modules by name."""
     kinds = (_lora_linear(), *_lora_embedding())
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model) -> Iterator[None]:
+    """Inside the block the model computes as its base, every adapter switched off: the
+    reference model of preference tuning, without a second copy of the weights."""
+    modules = [m for m in _adapted(model).values() if hasattr(m, "adapters_on")]
+    for m in modules:
+        m.adapters_on = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.adapters_on = True
 
 
 def lora_state_dict(model) -> StateDict:

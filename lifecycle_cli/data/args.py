@@ -135,3 +135,32 @@ class InstructData:
             value = getattr(self, name)
             if isinstance(value, (str, os.PathLike)):
                 setattr(self, name, Path(value))
+
+
+@dataclass
+class PreferenceData:
+    """Preference pairs: a prompt with a chosen and a rejected response, or synthetic pairs."""
+
+    path: Optional[Path] = None
+    """JSON (a list of records) or JSONL (one per line) with prompt, chosen and rejected: strings,
+    or chat messages (prompt: the conversation so far; chosen/rejected: the final assistant turn,
+    or whole conversations that share everything but it)."""
+    val_path: Optional[Path] = None
+    """A validation file in the same format, instead of holding out part of --data.path."""
+    val_fraction: float = 0.1
+    """Share of the pairs held out (at random, seeded) for validation."""
+    synthetic: Optional[str] = None
+    """Comma-separated synthetic tasks (or all, tuning, held_out) to build pairs from instead of
+    a file: chosen is the right answer, rejected a plausible wrong one."""
+    synthetic_train_size: int = 1000
+    """Training pairs per synthetic task."""
+    synthetic_val_size: int = 100
+    """Validation pairs per synthetic task (their prompts never among the training ones)."""
+    seed: int = 42
+    """Seed of the validation split and of the synthetic pairs."""
+
+    def __post_init__(self) -> None:
+        for name in ("path", "val_path"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                setattr(self, name, Path(value))

@@ -1,0 +1,104 @@
+"""`llmcycle align`: teach a checkpoint preferences (DPO, IPO, SimPO, ORPO)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from lifecycle_cli.data.args import PreferenceData
+from lifecycle_cli.lora import LoRAArgs
+from lifecycle_cli.train.args import (
+    Devices,
+    EvalArgs,
+    LoggerName,
+    Resume,
+    StrategyName,
+    TrainArgs,
+    with_run_flags_help,
+)
+
+
+@with_run_flags_help
+def align(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/align"),
+    data: PreferenceData = PreferenceData(),
+    objective: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo",
+    beta: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    gamma: Optional[float] = None,
+    orpo_weight: Optional[float] = None,
+    ref_checkpoint: Optional[Path] = None,
+    precompute_ref: bool = False,
+    method: Literal["full", "lora", "qlora"] = "lora",
+    lora: LoRAArgs = LoRAArgs(),
+    prompt_style: Optional[str] = None,
+    train: TrainArgs = TrainArgs(
+        global_batch_size=16,
+        micro_batch_size=4,
+        epochs=1,
+        lr=5e-5,
+        min_lr=0.0,
+        warmup_steps=10,
+        weight_decay=0.0,
+        save_interval=None,
+    ),  # fmt: skip
+    eval: EvalArgs = EvalArgs(interval=100, max_iters=20),
+    preference_samples: int = 200,
+    exact_match_samples: int = 100,
+    max_new_tokens: int = 32,
+    resume: Resume = False,
+    devices: Devices = 1,
+    num_nodes: int = 1,
+    strategy: StrategyName = "auto",
+    precision: Optional[str] = None,
+    logger: LoggerName = "csv",
+    seed: int = 42,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> None:
+    """Align a checkpoint to preference pairs (prompt, chosen, rejected): JSON/JSONL files or
+    synthetic pairs, formatted as finetune formats prompts.
+
+    Args:
+        checkpoint_dir: The checkpoint folder to start from (usually a finetuned one).
+        out_dir: Where step folders, final/ (a plain checkpoint; LoRA merged, with
+            lora.safetensors beside), metrics.csv, hparams.yaml, loss.png and preferences.png go.
+        data: The preference pairs.
+        objective: dpo (sigmoid loss on the implicit reward margin), ipo (squared loss on it),
+            simpo (reference-free, length-normalised, with a margin gamma), orpo (reference-free:
+            SFT loss on chosen plus an odds-ratio term).
+        beta: Strength of the preference term: DPO/IPO's beta (default 0.1), SimPO's (default
+            2.0); not for orpo.
+        label_smoothing: DPO/SimPO: the assumed probability that a pair's label is wrong.
+        gamma: SimPO's target reward margin (default 1.0).
+        orpo_weight: ORPO's weight of the odds-ratio term beside the SFT loss (default 0.1).
+        ref_checkpoint: The reference model (DPO/IPO) if not the starting checkpoint; it must
+            share the tokenizer.
+        precompute_ref: Compute the reference's log-probs of every pair once before training
+            (saved in out_dir, reused on resume) instead of at every step.
+        method: full (every weight; the reference is a frozen copy), lora (adapters; the
+            reference is the same weights with the adapters off), qlora (4-bit base, CUDA only).
+        lora: LoRA rank, scale, dropout and which layers get adapters.
+        prompt_style: How prompts are formatted: alpaca, chatml, llama3, ..., chat_template
+            (default: the checkpoint's prompt_style.yaml, else its chat template, else alpaca).
+        train: Optimisation and duration.
+        eval: Validation during training.
+        preference_samples: Validation pairs (and as many training pairs) scored for the
+            preference metrics at every evaluation.
+        exact_match_samples: Validation prompts answered greedily to measure exact match
+            against the chosen answer (synthetic pairs only; 0 turns it off).
+        max_new_tokens: Longest answer generated for exact match.
+    """
+    flags = dict(locals())
+    from lifecycle_cli.checkpoint import check_checkpoint_dir
+    from lifecycle_cli.train.session import RunFlags, run_session
+    from lifecycle_cli.train.tasks.preference import PreferenceObjective, PreferenceTask
+
+    checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    loss = PreferenceObjective(objective, beta, label_smoothing, gamma, orpo_weight)
+    task = PreferenceTask(
+        checkpoint_dir, data, method, lora, loss, out_dir, ref_checkpoint, precompute_ref,
+        prompt_style, preference_samples, exact_match_samples, max_new_tokens,
+    )  # fmt: skip
+    run_session(task, out_dir, train, eval, RunFlags.pick(flags), flags)
