@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters injected into the one `GPT`'s linear layers, merged back when done.
 
 A chosen `nn.Linear` becomes a `LoRALinear` holding the same weight and bias (same state-dict
-names) plus `lora_A` (r, in) and `lora_B` (out, r): y = W x + b + (alpha / r) B A dropout(x) (alpha / sqrt(r) with `rslora`).
+names) plus `lora_A` (r, in) and `lora_B` (out, r): y = W x + b + (alpha / r) B A dropout(x)
+(alpha / sqrt(r) with `rslora`).
 The fused `attn.qkv` gets one rank-r adapter per enabled part, as if queries, keys and values
 were separate layers (what LitGPT and PEFT train): `lora_A` stacks their A ((r * parts, in)),
 `lora_B` holds B rows for the enabled output rows only; disabled rows cost nothing.
