@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench recipes lint clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+# Finetune recipes on the held-out synthetic tasks (minutes per run): make recipes BASES=a,b
+recipes: install
+	$(BIN)/python -m benchmarks.recipes --bases $(BASES)
 
 lint: install
 	$(BIN)/ruff check .

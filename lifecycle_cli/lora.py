@@ -1,7 +1,8 @@
 """LoRA: low-rank adapters injected into the one `GPT`'s linear layers, merged back when done.
 
 A chosen `nn.Linear` becomes a `LoRALinear` holding the same weight and bias (same state-dict
-names) plus `lora_A` (r, in) and `lora_B` (out, r): y = W x + b + (alpha / r) B A dropout(x).
+names) plus `lora_A` (r, in) and `lora_B` (out, r): y = W x + b + (alpha / r) B A dropout(x)
+(alpha / sqrt(r) with `rslora`).
 The fused `attn.qkv` gets one rank-r adapter per enabled part, as if queries, keys and values
 were separate layers (what LitGPT and PEFT train): `lora_A` stacks their A ((r * parts, in)),
 `lora_B` holds B rows for the enabled output rows only; disabled rows cost nothing.
@@ -53,7 +54,10 @@ class LoRAArgs:
     r: int = 8
     """Rank of the adapters."""
     alpha: int = 16
-    """Scale: the adapter's output is multiplied by alpha / r."""
+    """Scale: the adapter's output is multiplied by alpha / r (alpha / sqrt(r) with rslora)."""
+    rslora: bool = False
+    """Rank-stabilised scaling, alpha / sqrt(r): a higher rank then learns as fast as a lower
+    one instead of being scaled down (Kalajdzievski 2023)."""
     dropout: float = 0.05
     """Dropout on the adapters' input during training."""
     query: bool = True
@@ -78,6 +82,11 @@ class LoRAArgs:
                 f"(got r={self.r}, alpha={self.alpha}, dropout={self.dropout})"
             )
 
+    @property
+    def scaling(self) -> float:
+        """What the adapters' output B A x is multiplied by."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
 
 @functools.cache
 def _lora_linear() -> type:
@@ -97,7 +106,7 @@ def _lora_linear() -> type:
             # A class function, not the base module: Fabric/FSDP swap this layer's parameters.
             self.base_forward = type(base).forward
             self.parts = tuple(parts or [(0, base.out_features)])
-            self.r, self.scaling = args.r, args.alpha / args.r
+            self.r, self.scaling = args.r, args.scaling
             rows = sum(size for _, size in self.parts)
             w = base.weight  # a packed weight is not floating point: adapters in the default
             dtype = w.dtype if w.is_floating_point() else torch.get_default_dtype()
@@ -160,7 +169,7 @@ def _lora_embedding() -> tuple[type, type]:
         def __init__(self, base: nn.Embedding, args: LoRAArgs) -> None:
             super().__init__(base.num_embeddings, base.embedding_dim, device="meta")
             self.weight = base.weight
-            self.r, self.scaling = args.r, args.alpha / args.r
+            self.r, self.scaling = args.r, args.scaling
             like = {"device": base.weight.device, "dtype": base.weight.dtype}
             self.lora_A = nn.Parameter(torch.empty(args.r, self.embedding_dim, **like))
             self.lora_B = nn.Parameter(torch.zeros(self.num_embeddings, args.r, **like))
@@ -340,10 +349,11 @@ def load_lora(model, path: Path) -> LoRAArgs:
     bad += sorted(
         k for k in tensors.keys() & expected.keys() if tensors[k].shape != expected[k].shape
     )
-    bad += [name for name, m in _adapted(model).items() if m.scaling != args.alpha / args.r]
+    bad += [name for name, m in _adapted(model).items() if m.scaling != args.scaling]
     if bad:
         raise UserError(
-            f"{path}: adapters do not fit this model (r={args.r}, alpha={args.alpha}; "
+            f"{path}: adapters do not fit this model (r={args.r}, alpha={args.alpha}, "
+            f"rslora={args.rslora}; "
             f"first mismatch: {bad[0]})"
         )
     model.load_state_dict(tensors, strict=False)

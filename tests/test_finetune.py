@@ -326,3 +326,105 @@ def test_classification_reaches_95_percent_on_a_separable_set(base, tmp_path):
     with torch.no_grad():
         predicted = classifier(batch["input_ids"], batch["last_index"]).argmax(-1)
     assert (predicted == batch["labels"]).float().mean() >= 0.95
+
+
+# Early stopping on a scripted exact match (by step), so when it stops is known: the best is
+# step 4 (0.5), steps 6 (lower), 8 (a tie is no improvement) and 10 exhaust a patience of 3.
+SCRIPT = {0: 0.0, 2: 0.2, 4: 0.5, 6: 0.4, 8: 0.5, 10: 0.3, 12: 0.9}
+
+
+def scripted_exact_match(monkeypatch, interrupt_at=None):
+    """Replace exact match with SCRIPT[step]; at `interrupt_at`, SIGINT this process (as a
+    Ctrl-C would): the loop saves a step folder and the verb exits 130."""
+    import signal
+
+    from lifecycle_cli.train import loop
+
+    real = loop.evaluate
+
+    def evaluate(fabric, model, run, progress, log, bar):
+        figures = {**real(fabric, model, run, progress, log, bar)}
+        figures["exact_match"] = SCRIPT[progress.step]
+        run.history[-1]["exact_match"] = SCRIPT[progress.step]
+        if progress.step == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return figures
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+
+
+def early_stopping_run(method: str) -> dict:
+    from lifecycle_cli.data.args import InstructData
+    from lifecycle_cli.lora import LoRAArgs
+    from lifecycle_cli.train.args import EvalArgs, TrainArgs
+
+    return dict(
+        data=InstructData(synthetic="max", synthetic_train_size=200, synthetic_val_size=8),
+        method=method, lora=LoRAArgs(r=4, alpha=8, rslora=True, embedding=True),
+        prompt_style="plain", exact_match_samples=4, max_new_tokens=2,
+        train=TrainArgs(global_batch_size=8, micro_batch_size=8, max_steps=20, lr=3e-3,
+                        warmup_steps=1, save_interval=2, keep_last=None,
+                        early_stopping="exact_match", patience=3),
+        eval=EvalArgs(interval=2, max_iters=1, initial_validation=True),
+    )  # fmt: skip
+
+
+def merged_weights(folder: Path, lora) -> dict[str, torch.Tensor]:
+    """A step folder's weights, adapters (if any) merged: what final/ holds when it is that step."""
+    from lifecycle_cli.checkpoint import load_config
+    from lifecycle_cli.lora import adapted_model, merge_lora
+
+    state = dict(iter_tensors(weight_files(folder)))
+    if not any("lora_" in k for k in state):
+        return state
+    config = load_config(folder)
+    model = adapted_model(config, lora, state)
+    merge_lora(model)
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()  # saved once, as wte
+    return {k: v for k, v in model.state_dict().items() if k not in tied}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_early_stopping_keeps_the_best_step_and_resumes(method, base, tmp_path, monkeypatch):
+    from lifecycle_cli.commands.finetune import finetune
+
+    run = early_stopping_run(method)
+    scripted_exact_match(monkeypatch)
+    finetune(base, out_dir=tmp_path / "straight", **run)
+    rows = read_metrics(tmp_path / "straight" / "metrics.csv")
+    assert max(int(r["step"]) for r in rows) == 10  # stopped: 3 evaluations without a new best
+    final = dict(iter_tensors(weight_files(tmp_path / "straight" / "final")))
+    best = merged_weights(tmp_path / "straight" / "step-000004", run["lora"])
+    last = merged_weights(tmp_path / "straight" / "step-000010", run["lora"])
+    assert final.keys() == best.keys()
+    assert all(torch.equal(final[k], best[k]) for k in final)  # final/ is step 4, not step 10
+    assert not all(torch.equal(final[k], last[k]) for k in final)
+    assert not any("lora" in k for k in final)
+    if method == "lora":  # the adapters saved beside final/ are step 4's
+        step4 = dict(iter_tensors(weight_files(tmp_path / "straight" / "step-000004")))
+        adapters = load_file(tmp_path / "straight" / "lora.safetensors")
+        assert all(torch.equal(adapters[k], step4[k]) for k in adapters)
+
+    # Interrupted at step 6 (after the best), resumed: it stops where the straight run did, with
+    # the same final/.
+    scripted_exact_match(monkeypatch, interrupt_at=6)
+    with pytest.raises(SystemExit) as stopped:
+        finetune(base, out_dir=tmp_path / "resumed", **run)
+    assert stopped.value.code == 130 and not (tmp_path / "resumed" / "final").exists()
+    scripted_exact_match(monkeypatch)
+    finetune(base, out_dir=tmp_path / "resumed", resume="auto", **run)
+    resumed = dict(iter_tensors(weight_files(tmp_path / "resumed" / "final")))
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+    steps = [int(r["step"]) for r in read_metrics(tmp_path / "resumed" / "metrics.csv")]
+    assert max(steps) == 10
+
+
+def test_early_stopping_names_a_metric_the_run_measures(base, tmp_path):
+    from lifecycle_cli.commands.finetune import finetune
+    from lifecycle_cli.errors import UserError
+
+    run = early_stopping_run("full")
+    run["train"].early_stopping = "accuracy"
+    with pytest.raises(UserError, match="'accuracy': this run measures val_loss, exact_match"):
+        finetune(base, out_dir=tmp_path / "out", **run)
+    assert not (tmp_path / "out").exists()

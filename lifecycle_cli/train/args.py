@@ -46,6 +46,11 @@ class TrainArgs:
     """How many step checkpoints to keep (None: all)."""
     log_interval: int = 1
     """Log training loss every N steps."""
+    early_stopping: Optional[str] = None
+    """Stop when this validation figure (val_loss, or the task's exact_match or accuracy) has
+    not improved for `patience` evaluations; final/ is then the best evaluation's model."""
+    patience: int = 3
+    """Evaluations without improvement before --train.early_stopping stops the run."""
 
     def validate(self, world_size: int) -> None:
         per_pass = self.micro_batch_size * world_size

@@ -22,9 +22,10 @@ import torch
 from lifecycle_cli.mlp import expert_load, moe_layers, router_loss
 from lifecycle_cli.train.args import EvalArgs, TrainArgs
 from lifecycle_cli.train.data import Batch, TrainData
+from lifecycle_cli.train.early_stopping import EarlyStopping
 from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
 from lifecycle_cli.train.schedule import lr_at
-from lifecycle_cli.train.state import Progress, prune_steps, save_step
+from lifecycle_cli.train.state import Progress, load_step, prune_steps, save_step
 from lifecycle_cli.train.throughput import Throughput, peak_flops
 
 
@@ -45,11 +46,14 @@ class Run:
     # Extra validation metrics (e.g. exact match by generation) and their names.
     extra_eval: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None
     extra_metrics: tuple[str, ...] = ()
+    early_stopping: Optional[EarlyStopping] = None
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False  # set by `fit`: early stopping ended the run before max_steps
 
 
 def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
-    """Train until run.max_steps (or a SIGINT/SIGTERM); return the final counters.
+    """Train until run.max_steps, early stopping (`run.stopped_early`) or a SIGINT/SIGTERM;
+    return the final counters. With early stopping the model is left at its best evaluation.
 
     The session has the task write final/ (merged LoRA, a classifier head, ...).
     """
@@ -68,9 +72,10 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     stop = StopRequest()
 
     if run.eval.initial_validation and progress.step == 0:
-        evaluate(fabric, model, run, progress, log, bar)
+        figures = evaluate(fabric, model, run, progress, log, bar)
+        judge(fabric, model, optimizer, run, progress, figures)
     try:
-        while progress.step < run.max_steps:
+        while progress.step < run.max_steps and not run.stopped_early:
             lr = lr_at(progress.step, run.max_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -123,7 +128,8 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             last = progress.step == run.max_steps
             interval = run.eval.interval
             if (interval and progress.step % interval == 0) or (last and run.eval.final_validation):
-                evaluate(fabric, model, run, progress, log, bar)
+                figures = evaluate(fabric, model, run, progress, log, bar)
+                judge(fabric, model, optimizer, run, progress, figures)
             stopping = stop.requested(fabric)
             save_every = args.save_interval
             if (save_every and progress.step % save_every == 0) or stopping:
@@ -135,8 +141,11 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     finally:
         bar.close()
         stop.restore()
-    if progress.step == run.max_steps and rank0(fabric):
+    done = progress.step == run.max_steps or run.stopped_early
+    if done and rank0(fabric):
         plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")
+    if done and run.early_stopping is not None:
+        restore_best(fabric, model, optimizer, run, progress)
     return progress
 
 
@@ -154,6 +163,34 @@ def moe_figures(model, router: torch.Tensor) -> tuple[dict[str, float], str]:
     return values, f" router {values['router_loss']:.4f} experts {used:.0%} max {busiest:.2f}x"
 
 
+def judge(fabric, model, optimizer, run: Run, progress: Progress, figures: dict) -> None:
+    """Early stopping's verdict on an evaluation: save a new best, stop when patience is out."""
+    rule = run.early_stopping
+    if rule is None:
+        return
+    if rule.update(progress, figures):
+        save_step(fabric, rule.folder, model, optimizer, progress, run.tokenizer_dir)
+    elif rule.exhausted(progress):
+        run.stopped_early = True
+        fabric.print(
+            f"Early stopping at step {progress.step}: {rule.metric} has not improved on "
+            f"{progress.best_value:.4f} (step {progress.best_step}) for {rule.patience} "
+            "evaluations"
+        )
+
+
+def restore_best(fabric, model, optimizer, run: Run, progress: Progress) -> None:
+    """Set the model back to the best evaluation's weights (out_dir/best/) for final/."""
+    rule = run.early_stopping
+    if progress.best_step is None:  # never evaluated: final/ is the last step
+        return
+    if progress.best_step != progress.step:
+        saved = load_step(fabric, rule.folder, model, optimizer)
+        if saved.step != progress.best_step:
+            raise RuntimeError(f"{rule.folder} holds step {saved.step}, not {progress.best_step}")
+    fabric.print(f"final/ is step {progress.best_step}: {rule.metric} {progress.best_value:.4f}")
+
+
 def checkpoint(fabric, model, optimizer, run: Run, progress: Progress, bar) -> None:
     folder = run.out_dir / f"step-{progress.step:06d}"
     save_step(fabric, folder, model, optimizer, progress, run.tokenizer_dir)
@@ -163,8 +200,9 @@ def checkpoint(fabric, model, optimizer, run: Run, progress: Progress, bar) -> N
 
 
 @torch.no_grad()
-def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> float:
-    """Mean validation loss over the first eval.max_iters micro-batches of every rank."""
+def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> dict[str, float]:
+    """{"val_loss": mean validation loss over the first eval.max_iters micro-batches of every
+    rank, **the task's extra figures}."""
     model.eval()
     world, size = fabric.world_size, run.train.micro_batch_size
     n = len(run.val_data)
@@ -187,7 +225,7 @@ def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> float:
     bar.write(f"step {progress.step}: val loss {fmt_loss(val_loss)}{extras}")
     run.history.append({"step": progress.step, "val_loss": val_loss, **extra})
     model.train()
-    return val_loss
+    return {"val_loss": val_loss, **extra}
 
 
 def count_tokens(batch: Batch) -> int | torch.Tensor:

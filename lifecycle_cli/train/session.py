@@ -91,6 +91,7 @@ def run_session(
     """Train `task` to the end (or to a SIGINT/SIGTERM: exit 130 after saving a step folder)."""
     import torch
 
+    from lifecycle_cli.train.early_stopping import EarlyStopping
     from lifecycle_cli.train.fabric import is_sharded, make_optimizer, setup_fabric
     from lifecycle_cli.train.loop import Run, fit
     from lifecycle_cli.train.state import Progress, find_resume, load_step
@@ -98,6 +99,7 @@ def run_session(
 
     if run.activation_checkpointing and run.strategy != "fsdp":
         raise UserError("--activation_checkpointing applies to --strategy fsdp")
+    rule = EarlyStopping.of(train.early_stopping, train.patience, task.extra_metrics, out_dir)
     resume_from = find_resume(run.resume, out_dir)
     fabric = setup_fabric(
         run.devices, run.num_nodes, run.strategy, run.precision, run.activation_checkpointing
@@ -154,9 +156,10 @@ def run_session(
         logger=run.logger,
         extra_eval=task.extra_eval(),
         extra_metrics=task.extra_metrics,
+        early_stopping=rule,
     )
     progress = fit(fabric, model, optimizer, loop, progress)
-    if progress.step < max_steps:
+    if progress.step < max_steps and not loop.stopped_early:
         raise SystemExit(130)
     task.finish(fabric, model, out_dir / "final")
     fabric.print(f"Saved {out_dir / 'final'}")

@@ -32,6 +32,10 @@ class Progress:
     step: int = 0
     samples: int = 0
     tokens: int = 0
+    # early stopping (train/early_stopping.py): the best evaluation so far, and evaluations since
+    best_step: Optional[int] = None
+    best_value: Optional[float] = None
+    evals_since_best: int = 0
 
 
 def step_dirs(out_dir: Path) -> list[Path]:
