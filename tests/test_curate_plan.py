@@ -247,3 +247,31 @@ def test_measure_refuses_a_model_too_large_for_this_machine():
     with pytest.raises(UserError, match="--plan.measure: training Llama-2-70b needs about"):
         make_plan(LLAMA2_70B, PlanArgs(measure=True), seq_length=16, micro_batch=1, tokens=1e6,
                   tokens_from="")  # fmt: skip
+
+
+def test_align_dry_run_counts_both_responses_and_the_reference(capsys):
+    config = named_config("Llama-2-7b-hf")
+    gb = P.count_params(config).total * 2  # bf16 weights
+
+    def plan_of(*flags: str) -> str:
+        assert main(["align", "Llama-2-7b-hf", "--dry_run", "true", "--precision", "bf16-true",
+                     "--train.max_steps", "10", "--train.global_batch_size", "8",
+                     "--train.micro_batch_size", "2", "--train.max_seq_length", "512",
+                     *flags]) == 0  # fmt: skip
+        return capsys.readouterr().out
+
+    full = plan_of("--method", "full")
+    # Two sequences (chosen, rejected) per pair: 10 steps x 8 pairs x 2 x 512 tokens.
+    assert "Training tokens: 81.92K" in full and "2 pairs per micro batch are 4 sequences" in full
+    assert "reference model (a frozen copy)" in full and "reference forward" in full
+    lora = plan_of("--method", "lora")
+    assert "reference model (a frozen copy)" not in lora and "reference forward" in lora
+    pre = plan_of("--method", "full", "--precompute_ref", "true")
+    assert "reference model (a frozen copy)" not in pre
+    simpo = plan_of("--method", "full", "--objective", "simpo")
+    assert "reference" not in simpo  # reference-free
+    # Full DPO holds the weights twice: the frozen copy is as big as the policy's weights.
+    mem = P.memory(config, "bf16-true", 4, 512, method="full", reference_copy=True)
+    assert mem["reference"] == gb and mem["total"] == pytest.approx(
+        sum(v for k, v in mem.items() if k != "total")
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
+from lifecycle_cli.curate.plan import PlanArgs
 from lifecycle_cli.data.args import PreferenceData
 from lifecycle_cli.lora import LoRAArgs
 from lifecycle_cli.train.args import (
@@ -56,6 +57,8 @@ def align(
     seed: int = 42,
     compile: bool = False,
     activation_checkpointing: bool = False,
+    dry_run: bool = False,
+    plan: PlanArgs = PlanArgs(),
 ) -> None:
     """Align a checkpoint to preference pairs (prompt, chosen, rejected): JSON/JSONL files or
     synthetic pairs, formatted as finetune formats prompts.
@@ -89,7 +92,19 @@ def align(
         exact_match_samples: Validation prompts answered greedily to measure exact match
             against the chosen answer (synthetic pairs only; 0 turns it off).
         max_new_tokens: Longest answer generated for exact match.
+        dry_run: Print the plan (parameters, FLOPs with the reference's forward pass, memory
+            per precision with the reference copy full DPO holds, time and cost) and stop;
+            checkpoint_dir may then be a named model.
+        plan: The hardware --dry_run plans for.
     """
+    if dry_run:
+        from lifecycle_cli.curate.dry_run import align_plan
+
+        align_plan(
+            checkpoint_dir, method, lora, train, plan, devices, num_nodes, precision, objective,
+            ref_checkpoint, precompute_ref,
+        )  # fmt: skip
+        return
     flags = dict(locals())
     from lifecycle_cli.checkpoint import check_checkpoint_dir
     from lifecycle_cli.train.session import RunFlags, run_session

@@ -7,6 +7,7 @@ tokenizer's vocabulary size and the `--train.*` and run flags.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
@@ -100,6 +101,47 @@ def finetune_plan(
 ) -> Plan:
     """The plan of a `finetune` run of a checkpoint folder, or of a named model (no folder
     needed to plan)."""
+    config = _checkpoint_config(checkpoint_dir)
+    return _plan(config, train, plan, devices, num_nodes, precision, method, lora, [], False)
+
+
+def align_plan(
+    checkpoint_dir: Path,
+    method: str,
+    lora: LoRAArgs,
+    train: TrainArgs,
+    plan: PlanArgs,
+    devices: Union[int, str],
+    num_nodes: int,
+    precision: Optional[str],
+    objective: str,
+    ref_checkpoint: Optional[Path],
+    precompute_ref: bool,
+) -> Plan:
+    """The plan of an `align` run: each pair is two sequences (chosen and rejected) through the
+    model, so a micro batch of pairs is twice as many sequences; DPO and IPO also run the
+    reference model forward, which is a second copy of the weights in memory for full training
+    or another --ref_checkpoint (LoRA's reference is the base with its adapters off), unless
+    --precompute_ref scores the pairs once before training."""
+    config = _checkpoint_config(checkpoint_dir)
+    reference = objective in ("dpo", "ipo")
+    copy = reference and (method == "full" or ref_checkpoint is not None) and not precompute_ref
+    pairs = dataclasses.replace(
+        train,
+        micro_batch_size=2 * train.micro_batch_size,
+        global_batch_size=2 * train.global_batch_size,
+    )
+    notes = [
+        f"Note: {train.micro_batch_size} pairs per micro batch are "
+        f"{pairs.micro_batch_size} sequences (chosen and rejected)"
+    ]
+    return _plan(
+        config, pairs, plan, devices, num_nodes, precision, method, lora, notes, False,
+        reference=reference, reference_copy=copy,
+    )  # fmt: skip
+
+
+def _checkpoint_config(checkpoint_dir: Path) -> Config:
     folder = Path(checkpoint_dir)
     if (folder / CONFIG_FILE).is_file():
         config = Config.from_file(folder / CONFIG_FILE)
@@ -115,18 +157,17 @@ def finetune_plan(
                 f"checkpoint folder {folder} does not exist (nor is it a named model, which "
                 "--dry_run can also plan)"
             ) from None
-    return _plan(config, train, plan, devices, num_nodes, precision, method, lora, [], False)
+    return config
 
 
 def _replace(config: Config, **fields) -> Config:
-    import dataclasses
-
     return dataclasses.replace(config, **fields)
 
 
 def _plan(
-    config, train, plan, devices, num_nodes, precision, method, lora, notes, pretraining=True
-) -> Plan:
+    config, train, plan, devices, num_nodes, precision, method, lora, notes, pretraining=True,
+    reference=False, reference_copy=False,
+) -> Plan:  # fmt: skip
     seq_length = train.seq_length(config.block_size)
     tokens, source = planned_tokens(train, seq_length)
     if tokens is None and train.epochs:
@@ -138,6 +179,7 @@ def _plan(
         config, plan, seq_length=seq_length, micro_batch=train.micro_batch_size,
         tokens=tokens, tokens_from=source, precision=precision,
         devices=device_count(devices, num_nodes), method=method, lora=lora,
+        reference=reference, reference_copy=reference_copy,
     )  # fmt: skip
     result.notes += notes
     result.pretraining = pretraining

@@ -168,21 +168,30 @@ def attention_flops_per_token(config: Config, seq_length: int) -> float:
 
 
 def training_flops(
-    config: Config, seq_length: int, tokens: float, method: str = "full", lora_n: int = 0
+    config: Config,
+    seq_length: int,
+    tokens: float,
+    method: str = "full",
+    lora_n: int = 0,
+    reference: bool = False,
 ) -> dict[str, float]:
     """FLOPs of training on `tokens` tokens: "6ND" (N = all parameters, the lecture's
     estimate), "weights" (active weights: 6 per weight per token; 4 with a frozen LoRA base,
-    whose weights get no gradient, plus 6 per adapter weight), "attention", and "total"."""
+    whose weights get no gradient, plus 6 per adapter weight), "attention", "reference" (with
+    `reference`, DPO/IPO's forward pass of the reference model: 2 per weight per token, and a
+    third of the attention), and "total"."""
     params = count_params(config)
     n = active_params(config, params)
     per_weight = 6 * n if method == "full" else 4 * n + 6 * lora_n
     attention = attention_flops_per_token(config, seq_length) * tokens
     weights = per_weight * tokens
+    ref = (2 * n * tokens + attention / 3) if reference else 0.0
     return {
         "6ND": 6 * params.total * tokens,
         "weights": weights,
         "attention": attention,
-        "total": weights + attention,
+        "reference": ref,
+        "total": weights + attention + ref,
     }
 
 
@@ -232,11 +241,14 @@ def memory(
     checkpointing: bool = False,
     method: str = "full",
     lora_n: int = 0,
+    reference_copy: bool = False,
 ) -> dict[str, float]:
     """Bytes per device to train: "weights", "gradients", "optimizer" (AdamW), "activations"
-    and "total". `devices` > 1 shards the first three FSDP-style (and adds one gathered block
-    being computed, twice for prefetch). `method` lora/qlora: frozen base weights (4-bit blocks
-    for qlora), gradients and AdamW states for the adapters only."""
+    and "total" (and "reference": a frozen copy of the weights, full DPO/IPO's reference
+    model, with `reference_copy`). `devices` > 1 shards the weights, gradients, states and
+    reference FSDP-style (and adds one gathered block being computed, twice for prefetch).
+    `method` lora/qlora: frozen base weights (4-bit blocks for qlora), gradients and AdamW
+    states for the adapters only."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: planning knows {', '.join(PRECISIONS)}")
     w, g, o, a = PRECISIONS[precision]
@@ -248,13 +260,17 @@ def memory(
         if method == "qlora":
             base = params.block_linear * NF4_BYTES + (params.total - params.block_linear) * w
         weights, grads, optim = base + lora_n * w, lora_n * g, lora_n * o
+    ref = params.total * w if reference_copy else 0.0
     gathered = 0.0
     if devices > 1:
         weights, grads, optim = weights / devices, grads / devices, optim / devices
+        ref /= devices
         gathered = 2 * max(params.per_block or [0]) * w
     tokens = micro_batch * seq_length
     acts = activations_per_token(config, a, checkpointing) * tokens
     parts = {"weights": weights + gathered, "gradients": grads, "optimizer": optim}
+    if reference_copy:
+        parts["reference"] = ref
     parts["activations"] = acts
     parts["total"] = sum(parts.values())
     return parts
@@ -331,8 +347,12 @@ def make_plan(
     devices: int = 1,
     method: str = "full",
     lora: Optional[LoRAArgs] = None,
+    reference: bool = False,
+    reference_copy: bool = False,
 ) -> Plan:
-    """The plan of training `config` on `tokens` tokens (None: Chinchilla-optimal)."""
+    """The plan of training `config` on `tokens` tokens (None: Chinchilla-optimal); with
+    `reference`, a DPO-style run whose reference model scores every sequence (and, with
+    `reference_copy`, is a second copy of the weights in memory)."""
     if not 0 < args.mfu <= 1:
         raise UserError(f"--plan.mfu must be in (0, 1], got {args.mfu}")
     if args.gpus is not None and args.gpus < 1:
@@ -343,22 +363,21 @@ def make_plan(
     if tokens is None:
         tokens = CHINCHILLA_TOKENS_PER_PARAM * params.total
         tokens_from = f"Chinchilla-optimal for this size ({CHINCHILLA_TOKENS_PER_PARAM}/param)"
-    flops = training_flops(config, seq_length, tokens, method, lora_n)
+    flops = training_flops(config, seq_length, tokens, method, lora_n, reference)
     mem: dict[str, dict[str, dict[str, float]]] = {}
+
+    def need(p: str, n_devices: int, checkpointing: bool) -> dict[str, float]:
+        return memory(
+            config, p, micro_batch, seq_length, n_devices, checkpointing, method, lora_n,
+            reference_copy,
+        )  # fmt: skip
+
     for p in ("32-true", "bf16-mixed", "bf16-true"):
-        variants = {
-            "plain": memory(config, p, micro_batch, seq_length, 1, False, method, lora_n),
-            "checkpointed": memory(config, p, micro_batch, seq_length, 1, True, method, lora_n),
-        }
+        mem[p] = {"plain": need(p, 1, False), "checkpointed": need(p, 1, True)}
         if devices > 1:
-            variants["fsdp"] = memory(
-                config, p, micro_batch, seq_length, devices, True, method, lora_n
-            )
-        mem[p] = variants
+            mem[p]["fsdp"] = need(p, devices, True)
     if precision not in mem:
-        mem[precision] = {
-            "plain": memory(config, precision, micro_batch, seq_length, 1, False, method, lora_n)
-        }
+        mem[precision] = {"plain": need(precision, 1, False)}
     peak, gpus = peak_flops(args, precision), args.gpus or devices
     hours = flops["total"] / (peak * args.mfu * gpus) / 3600
     plan = Plan(
@@ -402,7 +421,9 @@ def _format(p: Plan) -> list[str]:
     out += [
         f"Training tokens: {_num(p.tokens)} ({p.tokens_from})",
         f"Training FLOPs: {f['total']:.3e} = weights {f['weights']:.3e} + attention "
-        f"{f['attention']:.3e}; the lecture's 6·N·D: {f['6ND']:.3e}",
+        f"{f['attention']:.3e}"
+        + (f" + reference forward {f['reference']:.3e}" if f.get("reference") else "")
+        + f"; the lecture's 6·N·D: {f['6ND']:.3e}",
     ]
     if p.pretraining:
         out.append(_chinchilla_line(p))
@@ -464,10 +485,13 @@ def _memory_table(p: Plan) -> list[str]:
         "weights": "weights" + (" (frozen base + adapters)" if p.method != "full" else ""),
         "gradients": "gradients",
         "optimizer": "AdamW states (2 per trainable weight)",
+        "reference": "reference model (a frozen copy)",
         "activations": f"activations ({p.micro_batch} x {p.seq_length} tokens)",
         "total": "total",
     }
     for part, label in labels.items():
+        if part not in p.memory[names[0]]["plain"]:
+            continue
         cells = "".join(f"{_gb(p.memory[x]['plain'][part]):>12}" for x in names)
         rows.append(f"  {label:<42}" + cells)
     extra = [("checkpointed", "activations", "activations, activation checkpointing")]
