@@ -246,3 +246,33 @@ def test_help_without_torch_and_lm_eval_missing_is_one_line_exit_2(tmp_path):
         proc.stderr
         == "error: lm_eval tasks need lm-evaluation-harness: pip install 'llmcycle[eval]'\n"
     )
+
+
+def test_contamination_of_a_corpus_names_the_planted_examples(ckpt, tmp_path, capsys):
+    questions = [
+        {"prompt": f"In which year did the {w} expedition reach the northern coast of the island",
+         "answer": str(1800 + i)}
+        for i, w in enumerate(["first", "second", "third", "fourth", "fifth", "sixth"])
+    ]  # fmt: skip
+    write_jsonl(tmp_path / "qa.jsonl", questions)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "clean.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    # Two examples copied, in other words' company, into the training text.
+    planted = f"notes: {questions[1]['prompt']} {questions[1]['answer']}. More text follows.\n"
+    planted += f"also {questions[4]['prompt'].lower()}? {questions[4]['answer']}\n"
+    (corpus / "web.txt").write_text(planted)
+    out = tmp_path / "out"
+    evaluate(ckpt, f"exact_match:{tmp_path / 'qa.jsonl'}", out_dir=out, max_new_tokens=4,
+             contamination_of=[corpus])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "2 of 6 examples (33.3%)" in printed
+    (row,) = json.loads((out / "results.json").read_text())["contamination"]
+    assert (row["task"], row["examples"], row["contaminated"]) == (
+        f"exact_match:{tmp_path / 'qa.jsonl'}",
+        6,
+        2,
+    )
+    evaluate(ckpt, f"exact_match:{tmp_path / 'qa.jsonl'}", max_new_tokens=4,
+             contamination_of=[corpus / "clean.txt"])  # fmt: skip
+    assert "0 of 6 examples (0.0%)" in capsys.readouterr().out

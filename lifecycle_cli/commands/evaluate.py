@@ -23,6 +23,8 @@ def evaluate(
     apply_chat_template: bool = False,
     ref_checkpoint: Optional[Path] = None,
     length_normalize: bool = False,
+    contamination_of: Optional[list[Path]] = None,
+    contamination_n: int = 13,
     judge: JudgeArgs = JudgeArgs(),  # noqa: B008  (jsonargparse reads the default's fields)
     lm_eval: LmEvalArgs = LmEvalArgs(),  # noqa: B008
     precision: Optional[str] = None,
@@ -62,6 +64,10 @@ def evaluate(
             (as lm-eval's --apply_chat_template; default raw).
         ref_checkpoint: preference: the reference model, for the implicit-reward accuracy.
         length_normalize: preference: rank by mean (not summed) response log-prob.
+        contamination_of: Training data (files or folders, read as pretrain reads them) to
+            check every task's examples against: the share of examples that share a word
+            n-gram with it is printed and saved in results.json.
+        contamination_n: The n-gram length, in words, that counts as overlap.
         judge: The judge endpoint for judge tasks.
         lm_eval: lm-evaluation-harness settings.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on a GPU, else 32-true).
@@ -78,7 +84,8 @@ def evaluate(
         limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed, stride=stride,
         max_new_tokens=max_new_tokens, prompt_style=prompt_style, dev_path=dev_path,
         apply_chat_template=apply_chat_template, ref_checkpoint=ref_checkpoint,
-        length_normalize=length_normalize, judge=judge, lm_eval=lm_eval,
+        length_normalize=length_normalize, contamination_of=contamination_of,
+        contamination_n=contamination_n, judge=judge, lm_eval=lm_eval,
     )  # fmt: skip
     check_settings(settings)
     run([Path(c) for c in checkpoints], parse_tasks(tasks), settings, out_dir, device, precision)

@@ -56,6 +56,8 @@ class Settings:
     apply_chat_template: bool = False
     ref_checkpoint: Optional[Path] = None
     length_normalize: bool = False
+    contamination_of: Optional[list[Path]] = None
+    contamination_n: int = 13
     judge: JudgeArgs = field(default_factory=JudgeArgs)
     lm_eval: LmEvalArgs = field(default_factory=LmEvalArgs)
 

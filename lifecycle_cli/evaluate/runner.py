@@ -138,6 +138,10 @@ def run(
         finish = task_function(kind, "finish")
         if finish is not None:
             finish(per_checkpoint, settings)
+    contamination = None
+    if settings.contamination_of:
+        contamination = contamination_report(per_checkpoint[0], settings)
+        say(format_contamination(contamination, settings))
     if out_dir is not None:
         out_dir = Path(out_dir)
         for name, results in zip(names, per_checkpoint):
@@ -152,9 +156,44 @@ def run(
                 "tasks": [s.name for s in specs],
                 "settings": settings.as_dict(),
                 "results": result_rows(names, per_checkpoint),
+                **({"contamination": contamination} if contamination is not None else {}),
             },
         )
     say(format_table(names, per_checkpoint))
     if out_dir is not None:
         say(f"Results in {Path(out_dir) / 'results.json'}")
     return per_checkpoint
+
+
+TEXT_FIELDS = ("prompt", "question", "instruction", "target", "reference", "chosen")
+
+
+def example_text(sample: dict) -> str:
+    """The words of one evaluation example as its samples.jsonl row holds them (the prompt and
+    the expected answer; an lm-eval row's document fields)."""
+    doc = sample.get("doc")
+    values = doc.values() if isinstance(doc, dict) else (sample.get(k) for k in TEXT_FIELDS)
+    return " ".join(v for v in values if isinstance(v, str))
+
+
+def contamination_report(results: Sequence[TaskResult], settings: Settings) -> list[dict]:
+    """Per task, how many of its examples share a long n-gram with the --contamination_of
+    corpus (tasks without example texts, such as perplexity, are left out)."""
+    from lifecycle_cli.curate.contamination import report
+
+    texts = {r.task: [example_text(s) for s in r.samples] for r in results}
+    texts = {task: t for task, t in texts.items() if any(t)}
+    paths = [str(p) for p in settings.contamination_of or []]
+    return report(texts, paths, settings.contamination_n)
+
+
+def format_contamination(rows: list[dict], settings: Settings) -> str:
+    corpus = ", ".join(str(p) for p in settings.contamination_of or [])
+    lines = [f"Contamination ({settings.contamination_n}-gram overlap with {corpus}):"]
+    for r in rows:
+        lines.append(
+            f"  {r['task']}: {r['contaminated']} of {r['examples']} examples "
+            f"({r['share']:.1%})"
+            + (f", {r['too_short']} too short to check" if r.get("too_short") else "")
+        )
+    return "\n".join(lines)
