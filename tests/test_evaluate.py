@@ -276,3 +276,30 @@ def test_contamination_of_a_corpus_names_the_planted_examples(ckpt, tmp_path, ca
     evaluate(ckpt, f"exact_match:{tmp_path / 'qa.jsonl'}", max_new_tokens=4,
              contamination_of=[corpus / "clean.txt"])  # fmt: skip
     assert "0 of 6 examples (0.0%)" in capsys.readouterr().out
+
+
+def test_preference_ranks_pairs_as_align_scores_them(ckpt, tmp_path):
+    from lifecycle_cli.data.preferences import load_pairs
+    from lifecycle_cli.evaluate.preference import score_pairs
+    from lifecycle_cli.prompts import resolve_style
+
+    pairs = [
+        {"prompt": f"say {w}", "chosen": w, "rejected": w[::-1] + "x"}
+        for w in ("hello", "world", "stone", "river", "cloud")
+    ]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "out"
+    evaluate(ckpt, f"preference:{tmp_path / 'pairs.jsonl'}", out_dir=out, ref_checkpoint=ckpt)
+    r = results(out)
+    task = f"preference:{tmp_path / 'pairs.jsonl'}"
+    llm = LLM.load(ckpt)
+    expected, _ = score_pairs(
+        llm.model, llm.tokenizer, load_pairs(tmp_path / "pairs.jsonl"),
+        prompt_style=resolve_style(ckpt, llm.tokenizer),
+    )  # fmt: skip
+    assert r[("ckpt", task, "accuracy")]["value"] == expected["accuracy"]
+    assert r[("ckpt", task, "accuracy")]["n"] == 5
+    # The reference is the model itself: no margin is positive.
+    assert r[("ckpt", task, "reward_accuracy")]["value"] == 0.0
+    rows = samples(out / "preference-pairs" / "samples.jsonl")
+    assert len(rows) == 5

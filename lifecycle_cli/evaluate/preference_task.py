@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lifecycle_cli.errors import UserError
 from lifecycle_cli.evaluate.results import Metric, TaskResult
 
 
 def check(args: list[str], settings, n_checkpoints: int) -> None:
-    try:
-        from lifecycle_cli.data.preferences import load_pairs
-        from lifecycle_cli.evaluate.preference import score_pairs  # noqa: F401
-    except ImportError:
-        raise UserError("preference tasks come with `llmcycle align`, not in this build") from None
+    from lifecycle_cli.data.preferences import load_pairs
+
     for arg in args:
         load_pairs(Path(arg))
     if settings.ref_checkpoint is not None:
