@@ -27,15 +27,9 @@ class Verb:
     help: str
     """One line for `llmcycle --help`."""
     target: str | None = None
-    """"module:function" that runs the verb; None while the verb has not landed."""
+    """"module:function" that runs the verb; None for a verb made of sub-verbs."""
     subverbs: dict[str, Verb] = field(default_factory=dict)
     """For verbs like `convert to_hf`: the sub-verbs, each with its own target."""
-    issue: int | None = None
-    """The issue a verb that has not landed yet arrives with."""
-
-    @property
-    def available(self) -> bool:
-        return self.target is not None or bool(self.subverbs)
 
 
 VERBS: dict[str, Verb] = {
@@ -106,13 +100,7 @@ def dispatch(args: list[str], table: dict[str, Verb], prefix: str = PROG) -> int
     verb, prog = table[name], f"{prefix} {name}"
     if verb.subverbs:
         return dispatch(rest, verb.subverbs, prog)
-    wants_help = any(a in ("-h", "--help") for a in rest)
-    if verb.target is None:
-        if wants_help:
-            print(f"usage: {prog}\n\n{verb.help}\n\n{_not_available(verb)}")
-            return 0
-        print(f"{prog}: {_not_available(verb)}", file=sys.stderr)
-        return 2
+    assert verb.target is not None, f"{prog} has neither a target nor sub-verbs"
     return run_function(prog, _resolve(verb.target), rest, verb.help)
 
 
@@ -129,11 +117,6 @@ def _resolve(target: str) -> Callable[..., object]:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def _not_available(verb: Verb) -> str:
-    lands = f" (it lands with issue #{verb.issue})" if verb.issue else ""
-    return f"not available yet{lands}."
-
-
 def _table_help(prefix: str, table: dict[str, Verb]) -> str:
     top = prefix == PROG
     width = max(len(name) for name in table)
@@ -142,8 +125,7 @@ def _table_help(prefix: str, table: dict[str, Verb]) -> str:
         lines += ["The whole life of a language model in one command-line tool.", ""]
     lines.append("verbs:" if top else "sub-verbs:")
     for name, verb in table.items():
-        note = "" if verb.available else "  [not available yet]"
-        lines.append(f"  {name:<{width}}  {verb.help}{note}")
+        lines.append(f"  {name:<{width}}  {verb.help}")
     if top:
         lines += ["", "options:", "  -h, --help  show this help", "  --version   show the version"]
     return "\n".join(lines)

@@ -57,7 +57,6 @@ def test_help_lists_every_verb_without_heavy_imports():
     assert heavy == []
     for verb in cli.VERBS:
         assert f"  {verb} " in out
-    assert "not available yet" in out
 
 
 def test_version():
@@ -87,21 +86,6 @@ def test_sub_verb_table_help():
     proc = llmcycle("convert", "--help")
     assert proc.returncode == 0
     assert "to_hf" in proc.stdout
-
-
-@pytest.mark.parametrize("verb", [name for name, verb in cli.VERBS.items() if not verb.available])
-def test_verb_not_landed_is_one_line_exit_2(verb):
-    proc = llmcycle(verb, "some/checkpoint", "--flag", "1")
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith(f"llmcycle {verb}: not available yet")
-    issue = cli.VERBS[verb].issue
-    if issue is not None:
-        assert f"issue #{issue}" in proc.stderr
-
-    help_proc = llmcycle(verb, "--help")
-    assert help_proc.returncode == 0
-    assert "not available yet" in help_proc.stdout
 
 
 @pytest.mark.parametrize(

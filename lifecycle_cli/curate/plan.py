@@ -106,20 +106,26 @@ def count_params(config: Config) -> Params:
     inter, v = config.intermediate_size, config.vocab_size
     qkv_out = (nh + 2 * kv) * hs
     per_block, small = [], 0
-    for _ in range(config.n_layer):
-        norms = _norm(config, e) * (2 + config.post_attention_norm + config.post_mlp_norm)
-        norms += 2 * hs if config.qk_norm else 0
+    for layer in range(config.n_layer):
+        n_norms = 2 * config.pre_norm + config.post_attention_norm + config.post_mlp_norm
+        norms = _norm(config, e) * n_norms
+        if config.qk_norm:
+            norms += 2 * hs if config.qk_norm_scope == "head" else (nh + kv) * hs
+        norms += nh if config.attention_sinks else 0
         biases = (qkv_out if config.attn_bias else 0) + (e if config.bias else 0)
         attn = e * qkv_out + nh * hs * e
+        moe = config.is_moe(layer)
+        size = config.expert_intermediate_size if moe else inter
         if config.mlp == "gelu":
-            mlp, mlp_bias = 2 * e * inter, (inter + e if config.bias else 0)
+            mlp, mlp_bias = 2 * e * size, (size + e if config.bias else 0)
         else:
-            mlp, mlp_bias = 3 * e * inter, (2 * inter + e if config.bias else 0)
-            if config.mlp == "moe":
-                mlp, mlp_bias = mlp * config.n_expert, mlp_bias * config.n_expert
-                mlp += e * config.n_expert  # the router (no bias)
-        per_block.append(norms + biases + attn + mlp + mlp_bias)
-        small += norms + biases + mlp_bias + (e * config.n_expert if config.mlp == "moe" else 0)
+            mlp, mlp_bias = 3 * e * size, (2 * size + e if config.bias else 0)
+        router = 0
+        if moe:
+            mlp, mlp_bias = mlp * config.n_expert, mlp_bias * config.n_expert
+            router = e * config.n_expert + (config.n_expert if config.router_bias else 0)
+        per_block.append(norms + biases + attn + mlp + mlp_bias + router)
+        small += norms + biases + mlp_bias + router
     embedding = v * e + (config.block_size * e if config.position_embedding == "learned" else 0)
     head = 0 if config.tie_embeddings else e * v
     head_bias = v if config.lm_head_bias else 0
@@ -132,8 +138,9 @@ def active_params(config: Config, params: Params) -> int:
     counted even when tied, only the chosen experts of a mixture of experts."""
     n = params.non_embedding + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
     if config.mlp == "moe":
-        expert = 3 * config.n_embd * config.intermediate_size
-        n -= config.n_layer * expert * (config.n_expert - config.n_expert_per_token)
+        expert = 3 * config.n_embd * config.expert_intermediate_size
+        sparse = sum(config.is_moe(layer) for layer in range(config.n_layer))
+        n -= sparse * expert * (config.n_expert - config.n_expert_per_token)
     return n
 
 
