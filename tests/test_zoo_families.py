@@ -1,7 +1,7 @@
 """The current-generation families (OLMo 2, SmolLM3, Gemma 3, Qwen3-MoE, GPT-OSS): our GPT gives
 transformers' logits on tiny random configs of several shapes, with and without the KV cache,
 and after a round trip back to Hugging Face format; their named configs have the published
-sizes; the router losses match transformers'; a tiny model of each finetunes with LoRA and
+sizes; the router losses match transformers'; a tiny model of each finetunes with LoRA, serves and
 generates."""
 
 from __future__ import annotations
@@ -172,7 +172,9 @@ CHATML = (
 
 
 @pytest.mark.parametrize("name", TINY_FAMILIES)
-def test_lora_finetune_then_generate_and_chat(name, tokenizer_dir, tmp_path):
+def test_lora_finetune_then_generate_chat_and_serve(name, tokenizer_dir, tmp_path):
+    from served import Server
+
     from lifecycle_cli import LLM
     from lifecycle_cli.checkpoint import save_checkpoint
     from lifecycle_cli.commands.chat import ChatSession
@@ -181,7 +183,7 @@ def test_lora_finetune_then_generate_and_chat(name, tokenizer_dir, tmp_path):
     from lifecycle_cli.generate import SamplingParams
     from lifecycle_cli.lora import LoRAArgs
     from lifecycle_cli.model import GPT
-    from lifecycle_cli.prompts import get_style
+    from lifecycle_cli.prompts import get_style, resolve_style
     from lifecycle_cli.tokenizer import Tokenizer
     from lifecycle_cli.train.args import EvalArgs, TrainArgs
     from lifecycle_cli.train.logs import read_metrics
@@ -211,6 +213,21 @@ def test_lora_finetune_then_generate_and_chat(name, tokenizer_dir, tmp_path):
     session = ChatSession(llm.generator(), llm.tokenizer, style, SamplingParams(max_new_tokens=3))
     session.reply("hi")
     assert [m["role"] for m in session.history] == ["user", "assistant"]
+    # serve: an OpenAI chat completion, greedy, equal to the Python API's answer to the same turn
+    server = Server(tmp_path / "out/final", tmp_path / "serve.log")
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                "temperature": 0}  # fmt: skip
+        status, reply, _ = server.call("/v1/chat/completions", body)
+        assert status == 200, reply
+        # the style serve formats chats with: the one the checkpoint was finetuned with
+        served_style = resolve_style(tmp_path / "out/final", llm.tokenizer, "auto", default="chat")
+        greedy = ChatSession(llm.generator(), llm.tokenizer, served_style,
+                             SamplingParams(max_new_tokens=3, temperature=0))  # fmt: skip
+        greedy.reply("hi")
+        assert reply["choices"][0]["message"]["content"] == greedy.history[1]["content"]
+    finally:
+        server.stop()
 
 
 def test_multimodal_gemma3_checkpoint_converts_its_text_decoder(tmp_path):
