@@ -121,8 +121,8 @@ class InstructData:
     mask_prompt: bool = True
     """Compute the loss on the response tokens only (false: on prompt tokens too)."""
     synthetic: Optional[str] = None
-    """Comma-separated synthetic tasks to train on instead of a file: copy, reverse, upper,
-    sort, add, next, length, max, or all."""
+    """Comma-separated synthetic tasks to train on instead of a file (lifecycle_cli.data.synthetic:
+    copy, reverse, ..., lookup), or a group: all, tuning, held_out."""
     synthetic_train_size: int = 2000
     """Training examples per synthetic task."""
     synthetic_val_size: int = 100
@@ -131,10 +131,7 @@ class InstructData:
     """Seed of the validation split and of the synthetic examples."""
 
     def __post_init__(self) -> None:
-        for name in ("path", "val_path"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)):
-                setattr(self, name, Path(value))
+        paths_as_paths(self, "path", "val_path")
 
 
 @dataclass
@@ -160,7 +157,13 @@ class PreferenceData:
     """Seed of the validation split and of the synthetic pairs."""
 
     def __post_init__(self) -> None:
-        for name in ("path", "val_path"):
-            value = getattr(self, name)
-            if isinstance(value, (str, os.PathLike)):
-                setattr(self, name, Path(value))
+        paths_as_paths(self, "path", "val_path")
+
+
+def paths_as_paths(args: object, *names: str) -> None:
+    """Turn the string (or PathLike) fields `names` of a dataclass into Paths, as YAML and the
+    command line give strings."""
+    for name in names:
+        value = getattr(args, name)
+        if isinstance(value, (str, os.PathLike)):
+            setattr(args, name, Path(value))

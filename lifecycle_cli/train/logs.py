@@ -73,6 +73,14 @@ def plot_losses(metrics_csv: Path, out_png: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: Path) -> None:
+    """Write a matplotlib figure as PNG, atomically (a reader never sees half a file), and
+    close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = out_png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)

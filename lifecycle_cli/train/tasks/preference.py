@@ -339,7 +339,7 @@ def plot_preferences(metrics_csv: Path, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lifecycle_cli.train.logs import read_metrics
+    from lifecycle_cli.train.logs import read_metrics, save_figure
 
     rows = [r for r in read_metrics(metrics_csv) if r.get("accuracy")]
     if not rows:
@@ -359,8 +359,4 @@ def plot_preferences(metrics_csv: Path, out_png: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
+    save_figure(fig, out_png)
