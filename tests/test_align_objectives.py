@@ -50,6 +50,24 @@ def test_ipo_is_the_squared_distance_of_the_mean_log_ratio_margin_from_one_over_
     close(o.ipo_loss(PC, PR, RC, RR, NC, NR, beta=0.1), [18.0625, 16.0])
 
 
+def test_rpo_alpha_adds_the_chosen_responses_mean_token_nll_to_dpo_and_ipo():
+    from lifecycle_cli.train.tasks.preference import PreferenceObjective
+
+    policy, ref, counts = (
+        torch.stack([PC, PR], -1),
+        torch.stack([RC, RR], -1),
+        torch.stack([NC, NR], -1),
+    )
+    # chosen NLL per token: 4 / 2 = 2 and 3 / 1 = 3; alpha 0.5 adds 1.0 and 1.5
+    dpo = PreferenceObjective("dpo", rpo_alpha=0.5).losses(policy, ref, counts)
+    close(dpo, [0.5981388694 + 1.0, 0.6209570478 + 1.5])
+    ipo = PreferenceObjective("ipo", rpo_alpha=0.5).losses(policy, ref, counts)
+    close(ipo, [18.0625 + 1.0, 16.0 + 1.5])
+    close(PreferenceObjective("dpo").losses(policy, ref, counts), [0.5981388694, 0.6209570478])
+    with pytest.raises(UserError, match="--rpo_alpha does not apply to --objective simpo"):
+        PreferenceObjective("simpo", rpo_alpha=0.5)
+
+
 def test_simpo_is_reference_free_and_length_normalised():
     # z1 = 2 * (-4 / 2 - -6 / 4) - 1 = -2; z2 = 2 * (-3 / 1 - -2 / 2) - 1 = -5
     # -log sigmoid(-2) = log(1 + e^2) = 2.126928; log(1 + e^5) = 5.006715

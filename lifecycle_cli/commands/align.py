@@ -29,6 +29,7 @@ def align(
     label_smoothing: float = 0.0,
     gamma: Optional[float] = None,
     orpo_weight: Optional[float] = None,
+    rpo_alpha: Optional[float] = None,
     ref_checkpoint: Optional[Path] = None,
     precompute_ref: bool = False,
     method: Literal["full", "lora", "qlora"] = "lora",
@@ -76,6 +77,9 @@ def align(
         label_smoothing: DPO/SimPO: the assumed probability that a pair's label is wrong.
         gamma: SimPO's target reward margin (default 1.0).
         orpo_weight: ORPO's weight of the odds-ratio term beside the SFT loss (default 0.1).
+        rpo_alpha: DPO/IPO: add this times the chosen response's per-token NLL (RPO, TRL's
+            rpo_alpha), which keeps the model's right answers likely while it learns the
+            preference (default: none).
         ref_checkpoint: The reference model (DPO/IPO) if not the starting checkpoint; it must
             share the tokenizer.
         precompute_ref: Compute the reference's log-probs of every pair once before training
@@ -111,7 +115,7 @@ def align(
     from lifecycle_cli.train.tasks.preference import PreferenceObjective, PreferenceTask
 
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
-    loss = PreferenceObjective(objective, beta, label_smoothing, gamma, orpo_weight)
+    loss = PreferenceObjective(objective, beta, label_smoothing, gamma, orpo_weight, rpo_alpha)
     task = PreferenceTask(
         checkpoint_dir, data, method, lora, loss, out_dir, ref_checkpoint, precompute_ref,
         prompt_style, preference_samples, exact_match_samples, max_new_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from lifecycle_cli.errors import UserError
 
@@ -20,7 +20,7 @@ def download(
     from_dir: Optional[Path] = None,
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None,
     dataset: Optional[str] = None,
-    files: Optional[list[str]] = None,
+    files: Optional[Union[list[str], str]] = None,
 ) -> None:
     """Get a model into a checkpoint folder, <checkpoint_dir>/<repo_id>; or, with
     `--dataset org/name`, a data set's files into the Hugging Face cache (the folder printed
@@ -42,9 +42,11 @@ def download(
         dtype: Store the weights as float32, float16 or bfloat16 (default: as published).
         dataset: A Hugging Face data set repo, `org/name`, to download instead of a model: its
             parquet, JSON(L), text, CSV and TSV files.
-        files: With --dataset, only the files matching these globs (`data/train-*`).
+        files: With --dataset, only the files matching this glob (`"data/train-*"`) or these
+            globs (`"[*.parquet, *.json]"`).
     """
     if dataset is not None:
+        files = [files] if isinstance(files, str) else files
         download_dataset(dataset, repo_id, revision, access_token, files)
         return
     if files is not None:

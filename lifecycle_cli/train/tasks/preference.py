@@ -37,12 +37,14 @@ class PreferenceObjective:
     label_smoothing: float = 0.0
     gamma: Optional[float] = None
     orpo_weight: Optional[float] = None
+    rpo_alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
         name = self.name
         given = {"--gamma": self.gamma, "--orpo_weight": self.orpo_weight, "--beta": self.beta}
         owner = {"--gamma": ("simpo",), "--orpo_weight": ("orpo",)}
         owner["--beta"] = ("dpo", "ipo", "simpo")
+        owner["--rpo_alpha"], given["--rpo_alpha"] = ("dpo", "ipo"), self.rpo_alpha
         owner["--label_smoothing"] = ("dpo", "simpo")
         given["--label_smoothing"] = self.label_smoothing or None
         for flag, value in given.items():
@@ -50,6 +52,8 @@ class PreferenceObjective:
                 raise UserError(f"{flag} does not apply to --objective {name}")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise UserError(f"--rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.orpo_weight is None and name == "orpo":
             self.orpo_weight = 0.1
         # ORPO's rewards (metrics only) are weight * mean log-prob, as TRL reports them.
@@ -69,9 +73,10 @@ class PreferenceObjective:
         return self.name in ("simpo", "orpo")
 
     def describe(self) -> str:
+        rpo = f", rpo alpha {self.rpo_alpha}" if self.rpo_alpha else ""
         knobs = {
-            "dpo": f"beta {self.beta}, label smoothing {self.label_smoothing}",
-            "ipo": f"beta {self.beta}",
+            "dpo": f"beta {self.beta}, label smoothing {self.label_smoothing}{rpo}",
+            "ipo": f"beta {self.beta}{rpo}",
             "simpo": f"beta {self.beta}, gamma {self.gamma}",
             "orpo": f"weight {self.orpo_weight}",
         }
@@ -83,12 +88,15 @@ class PreferenceObjective:
 
         pc, pr = policy.unbind(-1)
         nc, nr = counts.unbind(-1)
-        if self.name == "dpo":
+        if self.name in ("dpo", "ipo"):
             rc, rr = ref.unbind(-1)
-            return o.dpo_loss(pc, pr, rc, rr, self.beta, self.label_smoothing)
-        if self.name == "ipo":
-            rc, rr = ref.unbind(-1)
-            return o.ipo_loss(pc, pr, rc, rr, nc, nr, self.beta)
+            if self.name == "dpo":
+                loss = o.dpo_loss(pc, pr, rc, rr, self.beta, self.label_smoothing)
+            else:
+                loss = o.ipo_loss(pc, pr, rc, rr, nc, nr, self.beta)
+            # RPO (Pang et al. 2024): the chosen answer's NLL keeps its likelihood from
+            # falling with the rejected one's, which DPO alone lets happen.
+            return loss - (self.rpo_alpha or 0.0) * pc / nc
         if self.name == "simpo":
             return o.simpo_loss(pc, pr, nc, nr, self.beta, self.gamma, self.label_smoothing)
         return o.orpo_loss(pc, pr, nc, nr, self.orpo_weight)
