@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
+# The whole lifecycle on the built-in defaults, ending in out/demo/report.md (DEMO_FAST=1: minutes).
 demo: install
-	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/demo.py
 
 bench: install
 	$(BIN)/python -m benchmarks
