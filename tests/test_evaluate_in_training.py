@@ -9,8 +9,8 @@ from pydoc_data.topics import topics
 
 import pytest
 from eval_fixtures import lm_eval_tasks, tiny_llama
+from in_process import llmcycle_here
 
-from lifecycle_cli.cli import main
 from lifecycle_cli.commands.evaluate import evaluate
 from lifecycle_cli.data.preferences import synthetic_pairs
 from lifecycle_cli.evaluate.args import LmEvalArgs
@@ -39,7 +39,7 @@ def test_finetune_logs_evaluate_tasks_at_every_evaluation(ckpt, tmp_path, capsys
     text = tmp_path / "val.txt"
     text.write_text(topics["if"][:1500])
     out = tmp_path / "out"
-    assert main([
+    assert llmcycle_here(*[
         "finetune", str(ckpt), "--method", "full", "--data.synthetic", "reverse",
         "--data.synthetic_train_size", "32", "--data.synthetic_val_size", "8",
         "--prompt_style", "plain", "--train.max_steps", "2", "--train.global_batch_size", "8",
@@ -76,9 +76,9 @@ def test_align_runs_lm_eval_tasks_without_changing_what_it_trains(ckpt, tmp_path
         "--eval.interval", "1", "--eval.max_iters", "1", "--preference_samples", "4",
     ]  # fmt: skip
     plain, measured = tmp_path / "plain", tmp_path / "measured"
-    assert main([*common, "--out_dir", str(plain)]) == 0
-    assert main([*common, "--eval.tasks", "lm_eval:tiny_mc", "--eval.include_path", str(tasks),
-                 "--out_dir", str(measured)]) == 0  # fmt: skip
+    assert llmcycle_here(*common, "--out_dir", str(plain)) == 0
+    assert llmcycle_here(*common, "--eval.tasks", "lm_eval:tiny_mc", "--eval.include_path",
+                         tasks, "--out_dir", measured) == 0  # fmt: skip
     rows = read_metrics(measured / "metrics.csv")
 
     def trained(rows: list[dict]) -> list[tuple]:
