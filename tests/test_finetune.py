@@ -22,6 +22,16 @@ from lifecycle_cli.tokenizer import train_bpe
 from lifecycle_cli.train.logs import read_metrics
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Verbs called in this process compute as the CLI's subprocess (OMP_NUM_THREADS=1) does;
+    two threads on a shared 2-core machine were several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny random-init checkpoint with a 512-token BPE."""
