@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from in_process import llmcycle_here
 
 from lifecycle_cli.checkpoint import iter_tensors, save_checkpoint, weight_files
 from lifecycle_cli.cli import main
@@ -78,7 +79,7 @@ def test_dpo_with_lora_raises_held_out_preference_accuracy_and_leaves_a_plain_ch
     out = tmp_path / "out"
     args = ["--train.max_steps", "60", "--eval.interval", "30", "--eval.initial_validation",
             "true", "--out_dir", str(out)]  # fmt: skip
-    assert main(["align", str(base), *SYNTHETIC, *args]) == 0
+    assert llmcycle_here("align", base, *SYNTHETIC, *args) == 0
     said = capsys.readouterr()
     assert "reference: the same weights with the adapters off" in said.out
     rows = [r for r in read_metrics(out / "metrics.csv") if r["val_loss"]]
@@ -119,7 +120,7 @@ def test_every_objective_trains_with_lora(objective, base, pairs, tmp_path):
     """Validation on the training pairs themselves: full batches at a small lr, so the loss
     must fall."""
     out = tmp_path / objective
-    assert main([
+    assert llmcycle_here(*[
         "align", str(base), "--data.path", str(pairs), "--data.val_path", str(pairs),
         "--objective", objective, "--prompt_style", "chatml", "--train.max_steps", "5",
         "--train.global_batch_size", "24", "--train.micro_batch_size", "12", "--train.epochs",
@@ -170,7 +171,7 @@ RESUMABLE = [
     "flags", [["--method", "lora"], ["--method", "full", "--precompute_ref", "true"]],
     ids=["lora", "full-precomputed"],
 )  # fmt: skip
-def test_resume_after_sigkill_continues_exactly(flags, base, pairs, tmp_path):
+def test_resume_after_sigkill_continues_exactly(flags, base, pairs, tmp_path, capsys):
     args = ["align", str(base), "--data.path", str(pairs), *RESUMABLE, *flags]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -185,17 +186,17 @@ def test_resume_after_sigkill_continues_exactly(flags, base, pairs, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before it could be killed"
-    done = llmcycle(*args, "--out_dir", str(straight), cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert llmcycle_here(*args, "--out_dir", straight) == 0
     if "--precompute_ref" in flags:
         computed = (killed / "reference_logps.safetensors").stat().st_mtime_ns
 
-    resumed = llmcycle(*args, "--out_dir", str(killed), "--resume", "auto", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming at step 4" in resumed.stdout
+    capsys.readouterr()
+    assert llmcycle_here(*args, "--out_dir", killed, "--resume", "auto") == 0
+    said = capsys.readouterr().out
+    assert "resuming at step 4" in said
     if "--precompute_ref" in flags:  # reused, not computed again
-        assert "Reference log-probs: reusing" in resumed.stdout
-        assert "Computing reference" not in resumed.stdout
+        assert "Reference log-probs: reusing" in said
+        assert "Computing reference" not in said
         assert (killed / "reference_logps.safetensors").stat().st_mtime_ns == computed
     assert losses(killed) == losses(straight) and len(losses(straight)) == 8
     a, b = weights(straight / "final"), weights(killed / "final")
@@ -215,9 +216,12 @@ def test_ddp_and_fsdp_equal_one_process(base, pairs, tmp_path):
         "fsdp": ["--devices", "2", "--strategy", "fsdp"],
     }
     for name, extra in runs.items():
-        proc = llmcycle("align", str(base), *flags, *extra, "--out_dir", str(tmp_path / name),
-                        cwd=tmp_path)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        args = ["align", str(base), *flags, *extra, "--out_dir", str(tmp_path / name)]
+        if name == "single":
+            assert llmcycle_here(*args) == 0
+        else:  # Fabric starts the other rank by running the command again
+            proc = llmcycle(*args, cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr[-3000:]
     one = losses(tmp_path / "single")
     single = weights(tmp_path / "single" / "final")
     val = losses(tmp_path / "single", "reward_accuracy")

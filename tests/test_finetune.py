@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from in_process import llmcycle_here
 from safetensors.torch import load_file
 
 from lifecycle_cli import LLM
@@ -19,6 +20,16 @@ from lifecycle_cli.config import Config
 from lifecycle_cli.model import GPT
 from lifecycle_cli.tokenizer import train_bpe
 from lifecycle_cli.train.logs import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Verbs called in this process compute as the CLI's subprocess (OMP_NUM_THREADS=1) does;
+    two threads on a shared 2-core machine were several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +47,6 @@ def base(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     save_checkpoint(folder / "ckpt", GPT(config), tokenizer_dir=folder / "tok")
     return folder / "ckpt"
-
-
-def probe(*args, cwd: Path, **env) -> subprocess.CompletedProcess:
-    """`llmcycle` through tests/verb_probe.py (e.g. a compile backend)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    cmd = [sys.executable, str(Path(__file__).parent / "verb_probe.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def llmcycle(*args, cwd: Path) -> subprocess.CompletedProcess:
@@ -81,11 +85,11 @@ LEARNABLE = [
         ("lora", ["--lora.embedding", "true"], [*QKV, "wte.weight"]),  # head tied to wte
     ],
 )
-def test_finetune_on_synthetic_tasks(method, flags, lora_changes, base, tmp_path):
+def test_finetune_on_synthetic_tasks(method, flags, lora_changes, base, tmp_path, capsys):
     out = tmp_path / "out"
-    proc = llmcycle("finetune", str(base), "--method", method, "--out_dir", str(out),
-                    *LEARNABLE, *flags, cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert llmcycle_here("finetune", base, "--method", method, "--out_dir", out,
+                         *LEARNABLE, *flags) == 0  # fmt: skip
+    said = capsys.readouterr().out
     rows = [r for r in read_metrics(out / "metrics.csv") if r["val_loss"]]
     assert len(rows) == 2
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
@@ -93,7 +97,7 @@ def test_finetune_on_synthetic_tasks(method, flags, lora_changes, base, tmp_path
     assert matched[-1] > 0.1, matched  # answers are generated and compared at all
     if method == "full":  # it learns the task (LoRA on a random base is slower: see README)
         assert matched[-1] >= 0.7, matched
-    assert "trainable parameters" in proc.stdout
+    assert "trainable parameters" in said
 
     llm = LLM.load(out / "final")  # a plain checkpoint whatever the method
     assert (out / "final" / "prompt_style.yaml").read_text().strip() == "name: plain"
@@ -105,7 +109,7 @@ def test_finetune_on_synthetic_tasks(method, flags, lora_changes, base, tmp_path
         assert sorted(changed) == lora_changes
         adapter = out / "lora.safetensors"
         assert 0 < adapter.stat().st_size < 100_000
-        assert f"({adapter.stat().st_size:,} bytes)" in proc.stdout
+        assert f"({adapter.stat().st_size:,} bytes)" in said
     else:
         assert len(changed) == len(names)
 
@@ -123,14 +127,13 @@ def test_lora_classifier_merges_into_what_it_validated(base, tmp_path):
         with (tmp_path / name).open("w", newline="") as f:
             csv.writer(f).writerows([("text", "label"), *part])
     out = tmp_path / "out"
-    proc = llmcycle(
+    assert llmcycle_here(*[
         "finetune", str(base), "--data.path", str(tmp_path / "train.csv"),
         "--data.val_path", str(tmp_path / "val.csv"), "--method", "lora", "--train.max_steps",
         "30", "--train.global_batch_size", "16", "--train.micro_batch_size", "16",
         "--train.lr", "3e-3", "--train.epochs", "3", "--eval.interval", "100",
-        "--out_dir", str(out), cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        "--out_dir", str(out),
+    ]) == 0  # fmt: skip
     logged = [float(r["accuracy"]) for r in read_metrics(out / "metrics.csv") if r["accuracy"]]
 
     classifier = Classifier.load(out / "final")
@@ -152,12 +155,9 @@ def test_lora_resumes_exactly_from_a_step_folder(base, tmp_path):
         "--train.max_steps", "8", "--train.save_interval", "4", "--eval.interval", "100",
     ]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    proc = llmcycle("finetune", str(base), *flags, "--out_dir", str(straight), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert llmcycle_here("finetune", base, *flags, "--out_dir", straight) == 0
     step4 = str(straight / "step-000004")
-    proc = llmcycle("finetune", str(base), *flags, "--out_dir", str(resumed), "--resume", step4,
-                    cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert llmcycle_here("finetune", base, *flags, "--out_dir", resumed, "--resume", step4) == 0
 
     def losses(out: Path) -> dict[int, str]:
         return {int(r["step"]): r["train_loss"] for r in read_metrics(out / "metrics.csv")
@@ -170,13 +170,19 @@ def test_lora_resumes_exactly_from_a_step_folder(base, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lora_under_ddp_and_fsdp_matches_one_process(base, tmp_path):
-    """Adapters are gathered from the shards before they are saved and merged."""
+def test_lora_under_ddp_and_fsdp_matches_one_process(base, tmp_path, monkeypatch, capsys):
+    """Adapters are gathered from the shards before they are saved and merged; --eval.tasks
+    (evaluate's tasks, every rank running the same forwards) give one process's numbers."""
+    from verb_probe import compile_with
+
+    text = tmp_path / "val.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     flags = [
         *COMMON, "--method", "lora", "--lora.embedding", "true", "--lora.dropout", "0",
         "--train.max_steps", "4", "--eval.interval", "100",
+        "--eval.tasks", f"synthetic:reverse,perplexity:{text}", "--eval.limit", "4",
     ]  # fmt: skip
-    finals, adapters = {}, {}
+    finals, adapters, evals = {}, {}, {}
     for name, extra in {
         "single": [],
         "ddp": ["--devices", "2", "--strategy", "ddp"],
@@ -185,22 +191,32 @@ def test_lora_under_ddp_and_fsdp_matches_one_process(base, tmp_path):
     }.items():
         out = tmp_path / name
         args = ["finetune", str(base), *flags, *extra, "--out_dir", str(out)]
-        if name == "compiled":  # dynamo + AOT autograd, without inductor's C++ build
-            proc = probe(*args, cwd=tmp_path, PROBE_COMPILE_BACKEND="aot_eager")
-            assert "compiled: GPT" in proc.stdout
-        else:
+        if name in ("ddp", "fsdp"):  # Fabric starts the other rank by running the command again
             proc = llmcycle(*args, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        elif name == "compiled":  # dynamo + AOT autograd, without inductor's C++ build
+            with monkeypatch.context() as patch:
+                patch.setattr(torch, "compile", compile_with("aot_eager"))
+                assert llmcycle_here(*args) == 0
+            torch._dynamo.reset()
+            assert "compiled: GPT" in capsys.readouterr().out
+        else:
+            assert llmcycle_here(*args) == 0
         finals[name] = dict(iter_tensors(weight_files(out / "final")))
         adapters[name] = load_file(out / "lora.safetensors")
+        (evals[name],) = [r for r in read_metrics(out / "metrics.csv") if r["val_loss"]]
     hparams = yaml.safe_load((tmp_path / "ddp" / "hparams.yaml").read_text())
     assert hparams["method"] == "lora" and hparams["devices"] == 2
     assert hparams["lora"]["embedding"] is True
+    columns = ["synthetic-reverse/exact_match", "perplexity-val/token_nll", "exact_match"]
     for name in ("ddp", "fsdp", "compiled"):
         for saved in (finals, adapters):
             assert saved[name].keys() == saved["single"].keys()
             for key, tensor in saved["single"].items():
                 torch.testing.assert_close(saved[name][key], tensor, atol=1e-6, rtol=0)
+        for column in columns:
+            expected = float(evals["single"][column])
+            assert float(evals[name][column]) == pytest.approx(expected, rel=1e-5), (name, column)
 
 
 def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
@@ -273,7 +289,8 @@ def test_qlora_trains_resumes_and_merges(base, tmp_path, monkeypatch):
         ("none", [], "not a checkpoint folder"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(setup, flags, message, base, tmp_path):
+def test_bad_input_is_one_line_exit_2(setup, flags, message, base, tmp_path, capsys):
+    """In this process; the first case also as a user's shell sees it."""
     data = tmp_path / "data.jsonl"
     good = {"instruction": "say hi", "input": "", "output": "hi"}
     lines = [json.dumps(good)] * 20
@@ -282,13 +299,18 @@ def test_bad_input_is_one_line_exit_2(setup, flags, message, base, tmp_path):
     data.write_text("\n".join(lines) + "\n")
     ckpt = str(base) if setup != "none" else str(tmp_path)
     args = ["finetune", ckpt, "--data.path", str(data), "--train.max_steps", "1", *flags]
-    proc = llmcycle(*args, "--out_dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    args += ["--out_dir", str(tmp_path / "out")]
+    if setup == "bad_jsonl":
+        proc = llmcycle(*args, cwd=tmp_path)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = llmcycle_here(*args), capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
 
 
-def test_classification_reaches_95_percent_on_a_separable_set(base, tmp_path):
+def test_classification_reaches_95_percent_on_a_separable_set(base, tmp_path, capsys):
     from lifecycle_cli.classifier import Classifier
     from lifecycle_cli.data.classify import ClassificationDataset, make_separable_examples
 
@@ -301,18 +323,17 @@ def test_classification_reaches_95_percent_on_a_separable_set(base, tmp_path):
         writer.writerow(["text", "label"])
         writer.writerows(rows)
     out = tmp_path / "out"
-    proc = llmcycle(
+    assert llmcycle_here(*[
         "finetune", str(base), "--data.path", str(data), "--method", "full",
         "--trainable_blocks", "1", "--train.max_steps", "80", "--train.global_batch_size", "16",
         "--train.micro_batch_size", "16", "--train.lr", "3e-3", "--eval.interval", "40",
-        "--train.epochs", "10",
-        "--out_dir", str(out), cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "classification into 2 classes: ham, spam" in proc.stdout
+        "--train.epochs", "10", "--out_dir", str(out),
+    ]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert "classification into 2 classes: ham, spam" in said
     accuracy = [float(r["accuracy"]) for r in read_metrics(out / "metrics.csv") if r["accuracy"]]
     assert accuracy[-1] >= 0.95, accuracy
-    assert "true \\ predicted" in proc.stdout  # the confusion table
+    assert "true \\ predicted" in said  # the confusion table
 
     # Only the last block, the final norm and the class head were trained.
     final = dict(iter_tensors(weight_files(out / "final")))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from in_process import llmcycle_here
 
 from lifecycle_cli import LLM
 from lifecycle_cli.checkpoint import iter_tensors, weight_files
@@ -80,8 +81,8 @@ def probe(*args, cwd: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def block_forwards(proc: subprocess.CompletedProcess) -> int:
-    return int(proc.stdout.split("block forwards: ")[1].split()[0])
+def block_forwards(stdout: str) -> int:
+    return int(stdout.split("block forwards: ")[1].split()[0])
 
 
 def free_port() -> int:
@@ -139,8 +140,7 @@ def straight(corpus, tmp_path_factory) -> Path:
     """An uninterrupted 12-step run (warm-up 2, then cosine from 3e-3 to 3e-4)."""
     folder = tmp_path_factory.mktemp("straight")
     cfg = write_config(folder / "a.yaml", corpus, folder / "out", **STRAIGHT)
-    proc = llmcycle("pretrain", "--config", str(cfg), cwd=folder)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert llmcycle_here("pretrain", "--config", cfg) == 0
     return folder / "out"
 
 
@@ -167,7 +167,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_after_sigkill_continues_exactly(corpus, straight, tmp_path):
+def test_resume_after_sigkill_continues_exactly(corpus, straight, tmp_path, capsys):
     killed = tmp_path / "killed"
     cfg = write_config(tmp_path / "b.yaml", corpus, killed, **STRAIGHT)
     proc = start(cfg, tmp_path)
@@ -177,9 +177,8 @@ def test_resume_after_sigkill_continues_exactly(corpus, straight, tmp_path):
     assert not (killed / "final").exists(), "the run finished before it could be killed"
     before = {r["step"]: r for r in read_metrics(killed / "metrics.csv") if int(r["step"]) <= 6}
 
-    resumed = llmcycle("pretrain", "--config", str(cfg), "--resume", "auto", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming at step 6" in resumed.stdout
+    assert llmcycle_here("pretrain", "--config", cfg, "--resume", "auto") == 0
+    assert "resuming at step 6" in capsys.readouterr().out
     # The second run trained steps 7-12 only: the rows of steps 1-6 are the first run's (their
     # tokens/s are of that run; a run that started over would have written its own).
     rows = read_metrics(killed / "metrics.csv")
@@ -189,7 +188,7 @@ def test_resume_after_sigkill_continues_exactly(corpus, straight, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_a_step_folder_that_resumes_exactly(sig, corpus, straight, tmp_path):
+def test_a_signal_saves_a_step_folder_that_resumes_exactly(sig, corpus, straight, tmp_path, capsys):
     out = tmp_path / "stopped"
     cfg = write_config(tmp_path / "c.yaml", corpus, out, max_steps=12)  # no scheduled saves
     proc = start(cfg, tmp_path)
@@ -201,9 +200,8 @@ def test_a_signal_saves_a_step_folder_that_resumes_exactly(sig, corpus, straight
     assert len(saved) == 1, saved  # written at the stop
     step = int(saved[0][5:])
 
-    resumed = llmcycle("pretrain", "--config", str(cfg), "--resume", "auto", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming at step {step} from" in resumed.stdout
+    assert llmcycle_here("pretrain", "--config", cfg, "--resume", "auto") == 0
+    assert f"resuming at step {step} from" in capsys.readouterr().out
     assert_same_run(straight, out)
 
 
@@ -227,9 +225,8 @@ def test_continued_pretraining_starts_from_the_initial_checkpoint(corpus, straig
     config = yaml.safe_load(cfg.read_text())
     del config["model_config"], config["tokenizer"]
     cfg.write_text(yaml.safe_dump(config))
-    proc = llmcycle("pretrain", "--config", str(cfg), "--initial_checkpoint_dir",
-                    str(straight / "final"), cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert llmcycle_here("pretrain", "--config", cfg, "--initial_checkpoint_dir",
+                         straight / "final") == 0  # fmt: skip
     # Its first loss is where the initial run ended, far below a fresh model's.
     first, initial = losses(out)[1], losses(straight)
     assert abs(first - initial[12]) < 0.25 and first < initial[1] - 0.5, (first, initial)
@@ -289,7 +286,9 @@ def test_two_torchrun_nodes_match_one_process(corpus, straight, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(corpus, tmp_path):
+def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(corpus, tmp_path, monkeypatch, capsys):
+    from verb_probe import compile_with
+
     args = dict(max_steps=6, save_interval=3, keep_last=None)
     runs, procs = {}, {}
     two = ["--devices", "2"]
@@ -302,12 +301,22 @@ def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(corpus, tmp_path):
             {"PROBE_COUNT_BLOCKS": "1"},
         ),
         # dynamo + AOT autograd: what --compile runs, without inductor's minutes of C++ build
-        "compiled": (["--compile", "true"], {"PROBE_COMPILE_BACKEND": "aot_eager"}),
+        "compiled": (["--compile", "true"], {}),
     }.items():
         cfg = write_config(tmp_path / f"{name}.yaml", corpus, tmp_path / name, **args)
-        proc = probe("pretrain", "--config", str(cfg), *flags, cwd=tmp_path, **env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name], procs[name] = losses(tmp_path / name), proc
+        if name == "single":
+            assert llmcycle_here("pretrain", "--config", cfg) == 0
+        elif name == "compiled":  # in this process, as verb_probe.py would patch it
+            with monkeypatch.context() as patch:
+                patch.setattr(torch, "compile", compile_with("aot_eager"))
+                assert llmcycle_here("pretrain", "--config", cfg, *flags) == 0
+            torch._dynamo.reset()
+            procs[name] = capsys.readouterr().out
+        else:  # Fabric starts the other rank by running the probe script again
+            proc = probe("pretrain", "--config", str(cfg), *flags, cwd=tmp_path, **env)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            procs[name] = proc.stdout
+        runs[name] = losses(tmp_path / name)
     assert len(runs["single"]) == 6
     for name in ("ddp", "fsdp", "fsdp_ac", "compiled"):
         for step, loss in runs["single"].items():
@@ -315,7 +324,7 @@ def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(corpus, tmp_path):
     # Activation checkpointing recomputes each training forward of a block once in backward:
     # 6 steps x 1 micro-batch per rank x 2 blocks (measured: 20 forwards without, 32 with).
     assert block_forwards(procs["fsdp_ac"]) - block_forwards(procs["fsdp"]) == 6 * 1 * 2
-    assert "compiled: GPT" in procs["compiled"].stdout
+    assert "compiled: GPT" in procs["compiled"]
 
     # FSDP writes sharded step checkpoints; final/ is consolidated into plain safetensors.
     assert list((tmp_path / "fsdp" / "step-000003" / "train_state").glob("*.distcp"))
@@ -353,7 +362,8 @@ def test_ddp_and_fsdp_match_one_process_and_fsdp_resumes(corpus, tmp_path):
         ("ok", ["--activation_checkpointing", "true"], "applies to --strategy fsdp"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(setup, flags, message, corpus, tmp_path):
+def test_bad_input_is_one_line_exit_2(setup, flags, message, corpus, tmp_path, capsys):
+    """In this process; the bad JSON line also as a user's shell sees it."""
     data = tmp_path / "data"
     data.mkdir()
     if setup == "empty":
@@ -365,8 +375,12 @@ def test_bad_input_is_one_line_exit_2(setup, flags, message, corpus, tmp_path):
     else:
         data = data / "missing.txt"
     cfg = write_config(tmp_path / "c.yaml", data, tmp_path / "out", max_steps=2)
-    proc = llmcycle("pretrain", "--config", str(cfg), *flags, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    if setup == "badjson":
+        proc = llmcycle("pretrain", "--config", str(cfg), *flags, cwd=tmp_path)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = llmcycle_here("pretrain", "--config", cfg, *flags), capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
+    assert "Traceback" not in err

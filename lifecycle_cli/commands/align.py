@@ -90,7 +90,7 @@ def align(
         prompt_style: How prompts are formatted: alpaca, chatml, llama3, ..., chat_template
             (default: the checkpoint's prompt_style.yaml, else its chat template, else alpaca).
         train: Optimisation and duration.
-        eval: Validation during training.
+        eval: Validation during training (with --eval.tasks, evaluate's tasks too).
         preference_samples: Validation pairs (and as many training pairs) scored for the
             preference metrics at every evaluation.
         exact_match_samples: Validation prompts answered greedily to measure exact match

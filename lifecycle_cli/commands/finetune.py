@@ -66,7 +66,7 @@ def finetune(
         prompt_style: How prompts are formatted: alpaca, chatml, llama3, ..., chat_template
             (default: the checkpoint's prompt_style.yaml, else its chat template, else alpaca).
         train: Optimisation and duration.
-        eval: Validation during training.
+        eval: Validation during training (with --eval.tasks, evaluate's tasks too).
         trainable_blocks: Train only the last K blocks and the head(s), the rest frozen
             (--method full; e.g. a classifier on top of a pretrained model).
         exact_match_samples: Validation examples answered greedily to measure exact match
@@ -84,12 +84,18 @@ def finetune(
     flags = dict(locals())
     from lifecycle_cli.checkpoint import check_checkpoint_dir
     from lifecycle_cli.data.instruct import detect_format
+    from lifecycle_cli.errors import UserError
     from lifecycle_cli.train.session import RunFlags, run_session
     from lifecycle_cli.train.tasks.classify import ClassifyTask
     from lifecycle_cli.train.tasks.sft import SFTTask
 
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
     if data.synthetic is None and detect_format(data) == "classification":
+        if eval.tasks is not None:
+            raise UserError(
+                "--eval.tasks: a classifier is trained here (measured by its accuracy); "
+                "evaluate's tasks need a language model"
+            )
         task = ClassifyTask(checkpoint_dir, data, method, lora, trainable_blocks)
     else:
         task = SFTTask(

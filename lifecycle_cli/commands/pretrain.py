@@ -56,7 +56,7 @@ def pretrain(
         initial_checkpoint_dir: Continue pretraining this checkpoint (its architecture, weights
             and tokenizer).
         train: Optimisation and duration.
-        eval: Validation during training.
+        eval: Validation during training (with --eval.tasks, evaluate's tasks too).
         dry_run: Print the plan (parameters, FLOPs, Chinchilla sizes, memory per precision,
             time and cost) and stop: no data is read and nothing is written.
         plan: The hardware --dry_run plans for.

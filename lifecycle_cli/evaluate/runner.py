@@ -51,17 +51,27 @@ def task_function(kind: str, role: str = "run") -> Optional[Callable[..., Any]]:
 
 
 class Context:
-    """One loaded checkpoint and the run's settings, as the tasks see them."""
+    """One model and the run's settings, as the tasks see them: a loaded checkpoint
+    (`Context.load`), or the model a training run is training (`--eval.tasks`)."""
 
-    def __init__(self, checkpoint_dir: Path, settings: Settings, device: str, precision) -> None:
-        from lifecycle_cli.api import load_for_inference
-
+    def __init__(
+        self, checkpoint_dir: Path, settings: Settings, model, tokenizer, style=None,
+        show_progress: bool = True,
+    ) -> None:  # fmt: skip
         self.checkpoint_dir = Path(checkpoint_dir)
         self.settings = settings
-        self.device, self.precision = device, precision
-        self.llm = load_for_inference(checkpoint_dir, device, precision)
-        self.model, self.tokenizer = self.llm.model, self.llm.tokenizer
-        self.model.eval()
+        self.model, self.tokenizer = model, tokenizer
+        self.show_progress = show_progress
+        if style is not None:  # else the checkpoint's, on first use
+            self.style = style
+
+    @classmethod
+    def load(cls, checkpoint_dir: Path, settings: Settings, device: str, precision) -> Context:
+        from lifecycle_cli.api import load_for_inference
+
+        llm = load_for_inference(checkpoint_dir, device, precision)
+        llm.model.eval()
+        return cls(checkpoint_dir, settings, llm.model, llm.tokenizer)
 
     @cached_property
     def style(self):
@@ -78,6 +88,9 @@ class Context:
     def progress(self, desc: str, total: int) -> Callable[[int], None]:
         """A bar on stderr; call the result with how many items were done."""
         from tqdm.auto import tqdm
+
+        if not self.show_progress:
+            return lambda n: None
 
         bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, leave=False, delay=0.5)
 
@@ -128,7 +141,7 @@ def run(
     per_checkpoint: list[list[TaskResult]] = []
     for checkpoint in checkpoints:
         torch.manual_seed(42 if settings.seed is None else settings.seed)
-        ctx = Context(checkpoint, settings, device, precision)
+        ctx = Context.load(checkpoint, settings, device, precision)
         results: list[TaskResult] = []
         for kind, args in groups(specs):
             results += task_function(kind)(ctx, args)

@@ -39,8 +39,9 @@ class TaskSpec:
         return f"{self.kind}:{self.arg}"
 
 
-def parse_tasks(text: str) -> list[TaskSpec]:
-    """The specs of `--tasks` (see the module docstring); a bad one is a UserError naming it."""
+def parse_tasks(text: str, flag: str = "--tasks") -> list[TaskSpec]:
+    """The specs of `--tasks` (see the module docstring); a bad one is a UserError naming it
+    and `flag` (finetune's and align's `--eval.tasks` take the same list)."""
     specs: list[TaskSpec] = []
     kind = None
     for raw in text.split(","):
@@ -51,17 +52,17 @@ def parse_tasks(text: str) -> list[TaskSpec]:
         if sep and head in KINDS:
             kind, item = head, arg.strip()
         elif item in KINDS:
-            raise UserError(f"--tasks: {item!r} needs {KINDS[item]}: write {item}:<{item} arg>")
+            raise UserError(f"{flag}: {item!r} needs {KINDS[item]}: write {item}:<{item} arg>")
         elif kind is None:
             raise UserError(
-                f"--tasks: unknown task {item!r}; write KIND:ARG with KIND one of "
+                f"{flag}: unknown task {item!r}; write KIND:ARG with KIND one of "
                 f"{', '.join(KINDS)} (e.g. synthetic:reverse, lm_eval:arc_easy)"
             )
         if not item:
-            raise UserError(f"--tasks: {kind}: needs {KINDS[kind]}")
+            raise UserError(f"{flag}: {kind}: needs {KINDS[kind]}")
         spec = TaskSpec(kind, item)
         if spec not in specs:
             specs.append(spec)
     if not specs:
-        raise UserError("--tasks names no task (e.g. --tasks synthetic:reverse)")
+        raise UserError(f"{flag} names no task (e.g. {flag} synthetic:reverse)")
     return specs

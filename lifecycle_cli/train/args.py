@@ -100,6 +100,15 @@ class EvalArgs:
     """Evaluate once before training."""
     final_validation: bool = True
     """Evaluate once after training."""
+    tasks: Optional[str] = None
+    """Tasks of `llmcycle evaluate` (its --tasks list, e.g. `synthetic:reverse,perplexity:
+    val.txt,lm_eval:arc_easy`) run at every evaluation; each metric becomes a metrics.csv
+    column <task>/<metric>."""
+    limit: Optional[int] = None
+    """At most this many examples per --eval.tasks task (evaluate's --limit)."""
+    include_path: Union[Path, list[Path], None] = None
+    """Folders of extra lm-eval task YAML files for lm_eval: tasks (evaluate's
+    --lm_eval.include_path)."""
 
 
 # The run flags every training verb has, spelled once: their types here, their help below.

@@ -17,28 +17,37 @@ COLUMNS = (
 class MetricsLog:
     """Rows of metrics appended to `out_dir/metrics.csv` (rank 0 only).
 
-    On resume, rows after the resumed step are dropped so the file reads like one run.
+    On resume, rows after the resumed step are dropped so the file reads like one run. A figure
+    not seen before (an --eval.tasks metric) adds a column: the file is rewritten with it.
     """
 
     def __init__(
         self, out_dir: Path, resume_step: int = 0, tensorboard: bool = False, extra=()
     ) -> None:
         self.path = out_dir / "metrics.csv"
-        self.columns = (*COLUMNS, *extra)
-        out_dir.mkdir(parents=True, exist_ok=True)
         rows = [r for r in read_metrics(self.path) if int(r["step"]) <= resume_step]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        known = (*COLUMNS, *extra)
+        self.columns = (*known, *(k for k in (rows[0] if rows else {}) if k not in known))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.write(rows)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
 
+    def write(self, rows: list[dict]) -> None:
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
     def log(self, step: int, **values: Optional[float]) -> None:
         row = {"step": step, **{k: v for k, v in values.items() if v is not None}}
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns = (*self.columns, *new)
+            self.write(read_metrics(self.path))
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
         if self.tb is not None:

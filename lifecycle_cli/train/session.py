@@ -57,6 +57,8 @@ class Task(Protocol):
 
     objective: Callable[[torch.nn.Module, Batch], torch.Tensor]
     extra_metrics: tuple[str, ...]  # names of extra_eval's figures (columns of metrics.csv)
+    tokenizer: Any  # ready after `configure`; --eval.tasks' prompts are encoded with it
+    style: Any  # the prompt style --eval.tasks formats prompts with (None: the tokenizer's)
 
     def check(self, fabric) -> None:
         """Refuse what this task cannot do on the launched devices (UserError)."""
@@ -100,6 +102,14 @@ def run_session(
     if run.activation_checkpointing and run.strategy != "fsdp":
         raise UserError("--activation_checkpointing applies to --strategy fsdp")
     rule = EarlyStopping.of(train.early_stopping, train.patience, task.extra_metrics, out_dir)
+    tasks = None
+    if eval.tasks is not None:  # a bad task list or file is refused before anything starts
+        from lifecycle_cli.evaluate.during_training import TrainingTasks
+
+        tasks = TrainingTasks(eval.tasks, eval.limit, eval.include_path)
+    for flag in ("limit", "include_path"):
+        if eval.tasks is None and getattr(eval, flag) is not None:
+            raise UserError(f"--eval.{flag} applies to --eval.tasks")
     resume_from = find_resume(run.resume, out_dir)
     fabric = setup_fabric(
         run.devices, run.num_nodes, run.strategy, run.precision, run.activation_checkpointing
@@ -143,6 +153,9 @@ def run_session(
             + (f", resuming at step {progress.step} from {resume_from}" if resume_from else "")
         )
 
+    extra_eval = task.extra_eval()
+    if tasks is not None:
+        extra_eval = tasks.after(extra_eval, fabric, task.tokenizer, task.style, task.tokenizer_dir)
     loop = Run(
         objective=task.objective,
         train_data=train_data,
@@ -154,7 +167,7 @@ def run_session(
         flops_per_token=flops_per_token(config, seq_length),
         tokenizer_dir=task.tokenizer_dir,
         logger=run.logger,
-        extra_eval=task.extra_eval(),
+        extra_eval=extra_eval,
         extra_metrics=task.extra_metrics,
         early_stopping=rule,
     )

@@ -21,6 +21,7 @@ class CheckpointTask:
     """Base of the finetuning tasks; see the module docstring."""
 
     extra_metrics: tuple[str, ...] = ()
+    style = None  # the prompt style (SFT, preference); None: the checkpoint's
 
     def __init__(
         self,

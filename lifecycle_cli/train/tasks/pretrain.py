@@ -26,6 +26,7 @@ class PretrainTask:
     """A GPT of a named or given architecture (or an initial checkpoint) learning text."""
 
     extra_metrics: tuple[str, ...] = ()
+    style = None  # --eval.tasks' prompts: the tokenizer's chat template, else alpaca
 
     def __init__(
         self,
