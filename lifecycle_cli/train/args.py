@@ -51,6 +51,13 @@ class TrainArgs:
     not improved for `patience` evaluations; final/ is then the best evaluation's model."""
     patience: int = 3
     """Evaluations without improvement before --train.early_stopping stops the run."""
+    spike_rollback: Optional[int] = None
+    """After this many consecutive steps whose loss exceeds spike_factor x its running mean,
+    reload the newest step folder saved before them and skip their batches (None: never)."""
+    spike_factor: float = 2.0
+    """A step's loss above this times the mean of the last steps' losses is a spike."""
+    async_checkpoint: bool = False
+    """Write step folders in the background while training continues."""
 
     def validate(self, world_size: int) -> None:
         per_pass = self.micro_batch_size * world_size
@@ -64,6 +71,10 @@ class TrainArgs:
         for name in ("global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise UserError(f"--train.{name} must be at least 1")
+        if self.spike_rollback is not None and self.spike_rollback < 1:
+            raise UserError("--train.spike_rollback must be at least 1 (or None: never)")
+        if not self.spike_factor > 1:
+            raise UserError(f"--train.spike_factor {self.spike_factor} must be above 1")
 
     def accumulation(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * world_size)

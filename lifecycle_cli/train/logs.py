@@ -10,7 +10,7 @@ from typing import Optional
 
 COLUMNS = (
     "step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu",
-    "elapsed_sec",
+    "elapsed_sec", "skipped_steps", "rollbacks",
 )  # fmt: skip
 
 
@@ -26,16 +26,20 @@ class MetricsLog:
         self.path = out_dir / "metrics.csv"
         self.columns = (*COLUMNS, *extra)
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= resume_step]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        self.rewind(resume_step)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step` (a resumed or rolled-back run continues from there)."""
+        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
 
     def log(self, step: int, **values: Optional[float]) -> None:
         row = {"step": step, **{k: v for k, v in values.items() if v is not None}}
@@ -108,6 +112,11 @@ class ProgressBar:
             figures += extra
             self.bar.set_postfix_str(figures, refresh=False)
         self.bar.update(1)
+
+    def restart(self, step: int) -> None:
+        """Show `step` as the current one again (after a rollback)."""
+        self.bar.reset(total=self.bar.total)
+        self.bar.update(step)
 
     def write(self, message: str) -> None:
         self.bar.write(message, file=sys.stderr)

@@ -11,9 +11,10 @@ integer and a run on W devices sees exactly the batches a run on one device sees
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -23,9 +24,10 @@ from lifecycle_cli.mlp import expert_load, moe_layers, router_loss
 from lifecycle_cli.train.args import EvalArgs, TrainArgs
 from lifecycle_cli.train.data import Batch, TrainData
 from lifecycle_cli.train.early_stopping import EarlyStopping
+from lifecycle_cli.train.guards import count_spike, is_spike, past_skipped, rollback_folder
 from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
 from lifecycle_cli.train.schedule import lr_at
-from lifecycle_cli.train.state import Progress, load_step, prune_steps, save_step
+from lifecycle_cli.train.state import Progress, load_step, prune_steps, save_step, step_dirs
 from lifecycle_cli.train.throughput import Throughput, peak_flops
 
 
@@ -76,11 +78,13 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
         judge(fabric, model, optimizer, run, progress, figures)
     try:
         while progress.step < run.max_steps and not run.stopped_early:
+            progress.samples = past_skipped(progress.samples, progress.skip)
             lr = lr_at(progress.step, run.max_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
-            first = progress.samples + fabric.global_rank * per_rank
+            step_samples = progress.samples
+            first = step_samples + fabric.global_rank * per_rank
             loss_sum = torch.zeros((), device=fabric.device)
             router_sum = torch.zeros((), device=fabric.device)
             tokens = torch.zeros((), device=fabric.device, dtype=torch.long)
@@ -96,34 +100,60 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
                 if router is not None:
                     router_sum += router.detach()
                 tokens += count_tokens(batch)
-            grad_norm = None
-            if args.max_norm is not None:
-                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=args.max_norm)
-            optimizer.step()
+            # The gradient norm is needed even without clipping: a non-finite one skips the step.
+            max_norm = math.inf if args.max_norm is None else args.max_norm
+            grad_norm = fabric.clip_gradients(
+                model, optimizer, max_norm=max_norm, error_if_nonfinite=False
+            )
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            parts = (loss_sum / accumulation, grad_norm, tokens, router_sum)
+            figures = torch.stack([x.to(torch.float64) for x in parts])
+            if world > 1:  # one collective per step; every rank then takes the same decision
+                figures = fabric.all_reduce(figures, reduce_op="sum")
+            loss_total, norm_total, token_total, router_total = figures.tolist()  # one sync
+            train_loss, norm = loss_total / world, norm_total / world
+            finite = math.isfinite(train_loss) and math.isfinite(norm)
+            # A gradient scaler (16-mixed) skips a non-finite step itself and lowers its scale.
+            if finite or scaler_of(fabric) is not None:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.samples += args.global_batch_size
-            step_tokens = (
-                int(fabric.all_reduce(tokens, reduce_op="sum")) if world > 1 else int(tokens)
-            )
+            step_tokens = int(token_total)
             progress.tokens += step_tokens
             speed.step(step_tokens)
+            if not finite:
+                progress.skipped_steps += 1
+                bar.write(
+                    f"step {progress.step}: loss {train_loss:.4g}, gradient norm {norm:.4g}: "
+                    "not finite, update skipped"
+                )
+            spiking = False
+            if finite and args.spike_rollback:
+                spiking = is_spike(progress, train_loss, args.spike_factor)
+                count_spike(progress, spiking, step_samples)
 
             if progress.step % args.log_interval == 0 or progress.step == run.max_steps:
-                train_loss = fabric.all_reduce(loss_sum / accumulation, reduce_op="mean").item()
                 rate, mfu = speed.measure()
                 bar_values = dict(train_loss=train_loss, lr=lr, tokens_per_sec=rate, mfu=mfu)
-                moe_values, shown = moe_figures(model, router_sum / accumulation)
+                moe_values, shown = moe_figures(model, router_total / world / accumulation)
+                if progress.skipped_steps:
+                    shown += f" skipped {progress.skipped_steps}"
                 if log is not None:
-                    norm = None if grad_norm is None else float(grad_norm)
                     log.log(
-                        progress.step, tokens=progress.tokens, grad_norm=norm, **bar_values,
-                        **moe_values,
+                        progress.step, tokens=progress.tokens, grad_norm=norm,
+                        skipped_steps=progress.skipped_steps, rollbacks=progress.rollbacks,
+                        **bar_values, **moe_values,
                     )  # fmt: skip
                 run.history.append({"step": progress.step, "train_loss": train_loss})
                 bar.step(train_loss, lr, rate, mfu, shown)
             else:
                 bar.step()
+            if spiking and progress.spike_run >= args.spike_rollback:
+                roll_back(fabric, model, optimizer, run, progress, log, bar)
+                speed.resume()
+                continue
 
             last = progress.step == run.max_steps
             interval = run.eval.interval
@@ -152,15 +182,48 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
 MOE_METRICS = ("router_loss", "experts_used", "expert_max_load")
 
 
-def moe_figures(model, router: torch.Tensor) -> tuple[dict[str, float], str]:
+def moe_figures(model, router: float) -> tuple[dict[str, float], str]:
     """Router loss (this step's mean) and expert load (last micro-batch): for metrics.csv, and
     as the progress line shows them."""
     load = expert_load(model)
     if load is None:
         return {}, ""
     used, busiest = load
-    values = dict(router_loss=router.item(), experts_used=used, expert_max_load=busiest)
+    values = dict(router_loss=router, experts_used=used, expert_max_load=busiest)
     return values, f" router {values['router_loss']:.4f} experts {used:.0%} max {busiest:.2f}x"
+
+
+def scaler_of(fabric):
+    """The gradient scaler of 16-mixed precision, or None."""
+    return getattr(fabric.strategy.precision, "scaler", None)
+
+
+def roll_back(fabric, model, optimizer, run: Run, progress: Progress, log, bar) -> None:
+    """After `spike_rollback` spikes in a row: reload the newest step folder from before them
+    and skip the samples of the spiking steps from then on (or only skip them, with no such
+    folder)."""
+    first_step, first_sample = progress.spike_start
+    skipped = [first_sample, progress.samples]
+    what = (
+        f"loss above {run.train.spike_factor} x its running mean for {progress.spike_run} "
+        f"steps ({first_step}-{progress.step})"
+    )
+    folder = rollback_folder(step_dirs(run.out_dir), first_step)
+    if folder is None:
+        bar.write(f"{what}: no step folder from before them to roll back to; skipping on")
+        progress.spike_run, progress.spike_start = 0, None
+        return
+    kept = dict(skipped_steps=progress.skipped_steps, rollbacks=progress.rollbacks + 1,
+                skip=[*progress.skip, skipped])  # fmt: skip
+    saved = load_step(fabric, folder, model, optimizer)
+    for name, value in {**asdict(saved), **kept}.items():
+        setattr(progress, name, value)
+    if log is not None:
+        log.rewind(progress.step)
+    bar.restart(progress.step)
+    bar.write(
+        f"{what}: rolled back to {folder.name}; samples {skipped[0]}-{skipped[1] - 1} are skipped"
+    )
 
 
 def judge(fabric, model, optimizer, run: Run, progress: Progress, figures: dict) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +36,14 @@ class Progress:
     best_step: Optional[int] = None
     best_value: Optional[float] = None
     evals_since_best: int = 0
+    # guards (train/guards.py): steps not applied (non-finite loss or gradient norm), rollbacks,
+    # sample ranges [start, end) a rollback skipped, the running loss window, the spike run
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    skip: list = field(default_factory=list)
+    recent_losses: list = field(default_factory=list)
+    spike_run: int = 0
+    spike_start: Optional[list] = None  # [step, data position] of the run's first spike
 
 
 def step_dirs(out_dir: Path) -> list[Path]:

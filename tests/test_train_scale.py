@@ -1,0 +1,112 @@
+"""Training at scale, on the one loop: guards against non-finite steps and loss spikes,
+precision and logger choices, prefetched batches, background checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lifecycle_cli.train.args import EvalArgs, TrainArgs
+from lifecycle_cli.train.logs import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):
+    """One thread (the models are tiny; the CPU is shared) and no matmul probe for MFU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr("lifecycle_cli.train.loop.peak_flops", lambda *a: 1e12)
+    yield
+    torch.set_num_threads(threads)
+
+
+NAN, SPIKE = -1, -2  # a sample's first token: poisoned (loss NaN) or spiking (loss x 50)
+
+
+class Tokens:
+    """TrainData of counting token blocks (B, 9) from a random start, some marked."""
+
+    def __init__(self, marks: dict[int, int]) -> None:
+        self.marks = marks
+
+    def __len__(self) -> int:
+        return 64
+
+    def get(self, indices):
+        rows = []
+        for i in indices:
+            row = (i * 7 + torch.arange(9)) % 64
+            row[0] = self.marks.get(i, row[0])
+            rows.append(row)
+        return torch.stack(rows)
+
+
+def poisoned_loss(model, batch):
+    from lifecycle_cli.objectives import next_token_loss
+
+    loss = next_token_loss(model, batch.clamp(min=0))
+    if (batch[:, 0] == NAN).any():
+        return loss * math.nan
+    return loss * 50 if (batch[:, 0] == SPIKE).any() else loss
+
+
+def tiny_run(tmp_path, marks, **train):
+    """A 2-layer GPT trained in this process on `Tokens(marks)`: (model, run, progress)."""
+    import lightning as L
+
+    from lifecycle_cli.model import GPT
+    from lifecycle_cli.train.fabric import make_optimizer
+    from lifecycle_cli.train.loop import Run, fit
+    from lifecycle_cli.train.state import Progress
+    from lifecycle_cli.zoo import named_config
+
+    config = named_config(
+        "pythia-14m", n_layer=2, n_embd=32, n_head=2, vocab_size=64,
+        block_size=8, intermediate_size=64,
+    )  # fmt: skip
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    fabric.seed_everything(0, verbose=False)
+    model = fabric.setup(GPT(config))
+    optimizer = make_optimizer(model, 1e-2, 0.0, (0.9, 0.95), fused=False)
+    optimizer = fabric.setup_optimizers(optimizer)
+    args = dict(global_batch_size=4, micro_batch_size=2, lr=1e-2, lr_schedule="constant")
+    train = TrainArgs(**{**args, **train})
+    run = Run(
+        objective=poisoned_loss, train_data=Tokens(marks), val_data=Tokens({}), train=train,
+        eval=EvalArgs(interval=None, final_validation=False), out_dir=tmp_path,
+        max_steps=train.max_steps, flops_per_token=1.0,
+    )  # fmt: skip
+    progress = fit(fabric, model, optimizer, run, Progress())
+    return model, run, progress
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, capsys):
+    """Samples 12-15 make step 4's loss NaN: its update is not applied, the next steps are."""
+    model, run, progress = tiny_run(tmp_path, {13: NAN}, max_steps=8, save_interval=None)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [int(r["skipped_steps"]) for r in rows] == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert math.isnan(float(rows[3]["train_loss"]))
+    finite = [float(r["train_loss"]) for r in rows[4:]]
+    assert all(math.isfinite(x) for x in finite) and finite[-1] < float(rows[0]["train_loss"])
+    assert progress.step == 8 and progress.skipped_steps == 1
+    assert "step 4: loss nan" in capsys.readouterr().err
+
+
+def test_loss_spikes_roll_back_to_the_last_step_folder_and_skip_their_batches(tmp_path, capsys):
+    """Steps 9 and 10 (samples 32-39) spike: the run goes back to step-000008, skips those
+    samples, and steps 9 and 10 train on samples 40-47 instead."""
+    marks = {33: SPIKE, 37: SPIKE}
+    _, run, progress = tiny_run(
+        tmp_path, marks, max_steps=12, save_interval=4, keep_last=None, spike_rollback=2
+    )
+    err = capsys.readouterr().err
+    assert "rolled back to step-000008; samples 32-39 are skipped" in err
+    assert progress.rollbacks == 1 and progress.skip == [[32, 40]]
+    assert progress.step == 12 and progress.samples == 56  # 12 steps + the 2 skipped
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))  # the spiking rows are gone
+    assert all(float(r["train_loss"]) < 10 for r in rows)
+    assert [int(r["rollbacks"]) for r in rows] == [0] * 8 + [1] * 4
