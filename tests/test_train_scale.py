@@ -52,7 +52,7 @@ def poisoned_loss(model, batch):
     return loss * 50 if (batch[:, 0] == SPIKE).any() else loss
 
 
-def tiny_run(tmp_path, marks, **train):
+def tiny_run(tmp_path, marks, precision="32-true", **train):
     """A 2-layer GPT trained in this process on `Tokens(marks)`: (model, run, progress)."""
     import lightning as L
 
@@ -66,7 +66,7 @@ def tiny_run(tmp_path, marks, **train):
         "pythia-14m", n_layer=2, n_embd=32, n_head=2, vocab_size=64,
         block_size=8, intermediate_size=64,
     )  # fmt: skip
-    fabric = L.Fabric(accelerator="cpu", devices=1)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
     fabric.seed_everything(0, verbose=False)
     model = fabric.setup(GPT(config))
     optimizer = make_optimizer(model, 1e-2, 0.0, (0.9, 0.95), fused=False)
@@ -79,12 +79,12 @@ def tiny_run(tmp_path, marks, **train):
         max_steps=train.max_steps, flops_per_token=1.0,
     )  # fmt: skip
     progress = fit(fabric, model, optimizer, run, Progress())
-    return model, run, progress
+    return model, optimizer, progress
 
 
 def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, capsys):
     """Samples 12-15 make step 4's loss NaN: its update is not applied, the next steps are."""
-    model, run, progress = tiny_run(tmp_path, {13: NAN}, max_steps=8, save_interval=None)
+    model, _, progress = tiny_run(tmp_path, {13: NAN}, max_steps=8, save_interval=None)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [int(r["skipped_steps"]) for r in rows] == [0, 0, 0, 1, 1, 1, 1, 1]
@@ -99,7 +99,7 @@ def test_loss_spikes_roll_back_to_the_last_step_folder_and_skip_their_batches(tm
     """Steps 9 and 10 (samples 32-39) spike: the run goes back to step-000008, skips those
     samples, and steps 9 and 10 train on samples 40-47 instead."""
     marks = {33: SPIKE, 37: SPIKE}
-    _, run, progress = tiny_run(
+    _, _, progress = tiny_run(
         tmp_path, marks, max_steps=12, save_interval=4, keep_last=None, spike_rollback=2
     )
     err = capsys.readouterr().err
@@ -110,3 +110,35 @@ def test_loss_spikes_roll_back_to_the_last_step_folder_and_skip_their_batches(tm
     assert [int(r["step"]) for r in rows] == list(range(1, 13))  # the spiking rows are gone
     assert all(float(r["train_loss"]) < 10 for r in rows)
     assert [int(r["rollbacks"]) for r in rows] == [0] * 8 + [1] * 4
+
+
+def test_mixed_precision_keeps_fp32_weights_and_optimizer_state(tmp_path):
+    model, optimizer, _ = tiny_run(tmp_path, {}, precision="bf16-mixed", max_steps=2)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    moments = [s["exp_avg"] for s in optimizer.state.values()]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+
+
+def test_fsdp_mixed_precision_reduces_in_fp32():
+    from lifecycle_cli.train.fabric import mixed_precision_policy
+
+    policy = mixed_precision_policy("bf16-mixed")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert mixed_precision_policy("32-true") is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(precision="16-mixed"), "--precision 16-mixed needs a CUDA GPU"),
+        (dict(precision="fp16"), "--precision 'fp16' is not one of 32-true, bf16-mixed"),
+        (dict(precision=None, fp8=True), "--fp8 needs an H100-class GPU"),
+    ],
+)
+def test_what_this_cpu_cannot_do_is_refused_in_one_line(kwargs, message):
+    from lifecycle_cli.errors import UserError
+    from lifecycle_cli.train.fabric import setup_fabric
+
+    with pytest.raises(UserError) as refused:
+        setup_fabric(1, 1, "auto", **kwargs)
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)

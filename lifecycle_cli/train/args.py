@@ -125,12 +125,14 @@ RUN_FLAGS_HELP = """
         devices: Devices (processes on CPU) per node.
         num_nodes: Machines; launch one process per node the way Fabric/torchrun does.
         strategy: auto (one device or DDP), ddp, or fsdp (FSDP2, sharded).
-        precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-mixed on a GPU that
-            supports it, else 32-true).
+        precision: 32-true, bf16-mixed, bf16-true, 16-mixed (CUDA only) (default: bf16-mixed on
+            a GPU that supports it, else 32-true). The mixed modes keep fp32 weights, optimizer
+            state and (FSDP) gradient reductions.
         logger: csv (metrics.csv) or tensorboard (also out_dir/tensorboard/).
         seed: Seed for initialisation, data order, dropout and the validation split.
         compile: Compile the model with torch.compile.
         activation_checkpointing: Recompute each block's activations in backward (FSDP only).
+        fp8: Train the blocks' linear layers in float8 (torchao; H100-class GPUs only).
 """
 
 
