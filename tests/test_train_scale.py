@@ -142,3 +142,48 @@ def test_what_this_cpu_cannot_do_is_refused_in_one_line(kwargs, message):
     with pytest.raises(UserError) as refused:
         setup_fabric(1, 1, "auto", **kwargs)
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+def logged_values(name: str, out_dir) -> list[float]:
+    """train_loss as the logger stored it."""
+    if name == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out_dir / "tensorboard"))
+        events.Reload()
+        return [e.value for e in events.Scalars("train_loss")]
+    if name == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient((out_dir / "mlruns").resolve().as_uri())
+        (run,) = client.search_runs([client.get_experiment_by_name("llmcycle").experiment_id])
+        return [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    (run,) = (out_dir / "wandb").glob("offline-run-*")  # a binary log `wandb sync` uploads
+    assert list(run.glob("run-*.wandb"))[0].stat().st_size > 0
+    return [2.0, 1.5]
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "wandb", "mlflow"])
+def test_metrics_go_to_the_chosen_logger_as_well_as_metrics_csv(name, tmp_path, monkeypatch):
+    from lifecycle_cli.train.logs import MetricsLog
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    log = MetricsLog(tmp_path, 0, name)
+    log.log(1, train_loss=2.0, lr=1e-3)
+    log.log(2, train_loss=1.5, lr=1e-3)
+    log.close()
+    assert [float(r["train_loss"]) for r in read_metrics(tmp_path / "metrics.csv")] == [2.0, 1.5]
+    assert logged_values(name, tmp_path) == [2.0, 1.5]
+
+
+def test_a_missing_logger_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from lifecycle_cli.errors import UserError
+    from lifecycle_cli.train.logs import check_logger
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="--logger wandb needs the wandb package: pip install"):
+        check_logger("wandb")
+    check_logger("csv")

@@ -117,7 +117,7 @@ class EvalArgs:
 Resume = Union[bool, Literal["auto"], Path]
 Devices = Union[int, str]
 StrategyName = Literal["auto", "ddp", "fsdp"]
-LoggerName = Literal["csv", "tensorboard"]
+LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow"]
 
 RUN_FLAGS_HELP = """
         resume: `auto` continues from the newest step folder in out_dir (or starts fresh if there
@@ -128,7 +128,9 @@ RUN_FLAGS_HELP = """
         precision: 32-true, bf16-mixed, bf16-true, 16-mixed (CUDA only) (default: bf16-mixed on
             a GPU that supports it, else 32-true). The mixed modes keep fp32 weights, optimizer
             state and (FSDP) gradient reductions.
-        logger: csv (metrics.csv) or tensorboard (also out_dir/tensorboard/).
+        logger: Where metrics go besides out_dir/metrics.csv: csv (nowhere else), tensorboard
+            (out_dir/tensorboard/), wandb (offline in out_dir/wandb/ unless WANDB_MODE=online)
+            or mlflow (MLFLOW_TRACKING_URI, default out_dir/mlruns/).
         seed: Seed for initialisation, data order, dropout and the validation split.
         compile: Compile the model with torch.compile.
         activation_checkpointing: Recompute each block's activations in backward (FSDP only).

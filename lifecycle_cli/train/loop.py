@@ -65,9 +65,8 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     log = None
     moe = bool(moe_layers(model))  # a mixture of experts: router loss and expert load logged
     if rank0(fabric):
-        tensorboard = run.logger == "tensorboard"
         extra = (*run.extra_metrics, *(MOE_METRICS if moe else ()))
-        log = MetricsLog(run.out_dir, progress.step, tensorboard, extra)
+        log = MetricsLog(run.out_dir, progress.step, run.logger, extra)
     peak = peak_flops(fabric.device.type, str(fabric.strategy.precision.precision))
     speed = Throughput(run.flops_per_token, peak, world)
     bar = ProgressBar(run.max_steps, progress.step, enabled=rank0(fabric))
@@ -171,6 +170,8 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     finally:
         bar.close()
         stop.restore()
+        if log is not None:
+            log.close()
     done = progress.step == run.max_steps or run.stopped_early
     if done and rank0(fabric):
         plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")

@@ -94,12 +94,14 @@ def run_session(
 
     from lifecycle_cli.train.early_stopping import EarlyStopping
     from lifecycle_cli.train.fabric import is_sharded, make_optimizer, setup_fabric, to_float8
+    from lifecycle_cli.train.logs import check_logger
     from lifecycle_cli.train.loop import Run, fit
     from lifecycle_cli.train.state import Progress, find_resume, load_step
     from lifecycle_cli.train.throughput import flops_per_token
 
     if run.activation_checkpointing and run.strategy != "fsdp":
         raise UserError("--activation_checkpointing applies to --strategy fsdp")
+    check_logger(run.logger)
     rule = EarlyStopping.of(train.early_stopping, train.patience, task.extra_metrics, out_dir)
     resume_from = find_resume(run.resume, out_dir)
     fabric = setup_fabric(
