@@ -4,6 +4,7 @@ precision and logger choices, prefetched batches, background checkpoints."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -30,11 +31,13 @@ class Tokens:
 
     def __init__(self, marks: dict[int, int]) -> None:
         self.marks = marks
+        self.reads = []  # (first index, the thread that read it)
 
     def __len__(self) -> int:
         return 64
 
     def get(self, indices):
+        self.reads.append((indices[0], threading.current_thread().name))
         rows = []
         for i in indices:
             row = (i * 7 + torch.arange(9)) % 64
@@ -79,6 +82,7 @@ def tiny_run(tmp_path, marks, precision="32-true", **train):
         max_steps=train.max_steps, flops_per_token=1.0,
     )  # fmt: skip
     progress = fit(fabric, model, optimizer, run, Progress())
+    tiny_run.data = run.train_data
     return model, optimizer, progress
 
 
@@ -93,6 +97,10 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, capsys):
     assert all(math.isfinite(x) for x in finite) and finite[-1] < float(rows[0]["train_loss"])
     assert progress.step == 8 and progress.skipped_steps == 1
     assert "step 4: loss nan" in capsys.readouterr().err
+    # Batches are read ahead, in the background: all but the first step's, each once.
+    reads = tiny_run.data.reads
+    assert [first for first, _ in reads] == list(range(0, 36, 2))  # 8 steps + the one after
+    assert {thread for _, thread in reads[2:]} == {"llmcycle-prefetch_0"}
 
 
 def test_loss_spikes_roll_back_to_the_last_step_folder_and_skip_their_batches(tmp_path, capsys):

@@ -26,6 +26,7 @@ from lifecycle_cli.train.data import Batch, TrainData
 from lifecycle_cli.train.early_stopping import EarlyStopping
 from lifecycle_cli.train.guards import count_spike, is_spike, past_skipped, rollback_folder
 from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
+from lifecycle_cli.train.prefetch import Prefetcher
 from lifecycle_cli.train.schedule import lr_at
 from lifecycle_cli.train.state import Progress, load_step, prune_steps, save_step, step_dirs
 from lifecycle_cli.train.throughput import Throughput, peak_flops
@@ -71,6 +72,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     speed = Throughput(run.flops_per_token, peak, world)
     bar = ProgressBar(run.max_steps, progress.step, enabled=rank0(fabric))
     stop = StopRequest()
+    reader = Prefetcher(run.train_data, args.micro_batch_size, pin=fabric.device.type == "cuda")
 
     if run.eval.initial_validation and progress.step == 0:
         figures = evaluate(fabric, model, run, progress, log, bar)
@@ -87,9 +89,11 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             loss_sum = torch.zeros((), device=fabric.device)
             router_sum = torch.zeros((), device=fabric.device)
             tokens = torch.zeros((), device=fabric.device, dtype=torch.long)
-            for micro in range(accumulation):
-                start = first + micro * args.micro_batch_size
-                batch = run.train_data.get(range(start, start + args.micro_batch_size))
+            starts = [first + m * args.micro_batch_size for m in range(accumulation)]
+            batches = [reader.get(start) for start in starts]
+            ahead = past_skipped(step_samples + args.global_batch_size, progress.skip)
+            reader.plan([ahead - step_samples + s for s in starts])  # the next step's
+            for micro, batch in enumerate(batches):
                 batch = fabric.to_device(batch)
                 with fabric.no_backward_sync(model, enabled=micro < accumulation - 1):
                     loss = run.objective(model, batch)
@@ -168,6 +172,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
                 bar.write(f"Stopped at step {progress.step}; resume with --resume auto")
                 break
     finally:
+        reader.close()
         bar.close()
         stop.restore()
         if log is not None:
