@@ -195,3 +195,37 @@ def test_a_missing_logger_package_says_how_to_install_it(monkeypatch):
     with pytest.raises(UserError, match="--logger wandb needs the wandb package: pip install"):
         check_logger("wandb")
     check_logger("csv")
+
+
+def test_background_checkpoints_equal_synchronous_ones(tmp_path):
+    from tests.test_pretrain import weights
+
+    for mode in ("sync", "async"):
+        tiny_run(tmp_path / mode, {}, max_steps=6, save_interval=2, keep_last=None,
+                 async_checkpoint=mode == "async")  # fmt: skip
+    for step in ("step-000002", "step-000004", "step-000006"):
+        a, b = weights(tmp_path / "sync" / step), weights(tmp_path / "async" / step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+        states = [torch.load(tmp_path / m / step / "train_state" / "state.pt", weights_only=True)
+                  for m in ("sync", "async")]  # fmt: skip
+        assert states[0]["progress"] == states[1]["progress"]
+        moments = [[s["exp_avg"] for s in st["optimizer"]["state"].values()] for st in states]
+        assert all(torch.equal(x, y) for x, y in zip(*moments))
+
+
+def test_a_crash_in_a_background_save_leaves_no_folder_resume_would_pick(tmp_path, monkeypatch):
+    from lifecycle_cli.train import state
+    from lifecycle_cli.train.state import find_resume
+
+    def crash(tmp, config, weights, saved, tokenizer_dir):
+        if saved["progress"]["step"] == 4:
+            state.write_checkpoint_files(tmp, config, weights, tokenizer_dir)  # weights only
+            raise OSError("disk full")
+        write(tmp, config, weights, saved, tokenizer_dir)
+
+    write = state.write_step
+    monkeypatch.setattr(state, "write_step", crash)
+    with pytest.raises(OSError, match="disk full"):
+        tiny_run(tmp_path, {}, max_steps=6, save_interval=2, async_checkpoint=True)
+    assert (tmp_path / ".step-000004.partial" / "model.safetensors").exists()
+    assert find_resume("auto", tmp_path) == tmp_path / "step-000002"

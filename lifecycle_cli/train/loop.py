@@ -28,7 +28,14 @@ from lifecycle_cli.train.guards import count_spike, is_spike, past_skipped, roll
 from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
 from lifecycle_cli.train.prefetch import Prefetcher
 from lifecycle_cli.train.schedule import lr_at
-from lifecycle_cli.train.state import Progress, load_step, prune_steps, save_step, step_dirs
+from lifecycle_cli.train.state import (
+    BackgroundSave,
+    Progress,
+    load_step,
+    prune_steps,
+    save_step,
+    step_dirs,
+)
 from lifecycle_cli.train.throughput import Throughput, peak_flops
 
 
@@ -72,6 +79,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     speed = Throughput(run.flops_per_token, peak, world)
     bar = ProgressBar(run.max_steps, progress.step, enabled=rank0(fabric))
     stop = StopRequest()
+    saver = BackgroundSave() if args.async_checkpoint else None
     reader = Prefetcher(run.train_data, args.micro_batch_size, pin=fabric.device.type == "cuda")
 
     if run.eval.initial_validation and progress.step == 0:
@@ -110,11 +118,14 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             )
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
                 grad_norm = grad_norm.full_tensor()
-            parts = (loss_sum / accumulation, grad_norm, tokens, router_sum)
-            figures = torch.stack([x.to(torch.float64) for x in parts])
+            saved = torch.tensor(float(saver is None or saver.done()))
+            parts = (loss_sum / accumulation, grad_norm, tokens, router_sum, saved)
+            figures = torch.stack([x.to(fabric.device, torch.float64) for x in parts])
             if world > 1:  # one collective per step; every rank then takes the same decision
                 figures = fabric.all_reduce(figures, reduce_op="sum")
-            loss_total, norm_total, token_total, router_total = figures.tolist()  # one sync
+            loss_total, norm_total, token_total, router_total, saved = figures.tolist()  # 1 sync
+            if saver is not None and saver.pending and saved == world:
+                finish_save(fabric, saver, run)
             train_loss, norm = loss_total / world, norm_total / world
             finite = math.isfinite(train_loss) and math.isfinite(norm)
             # A gradient scaler (16-mixed) skips a non-finite step itself and lowers its scale.
@@ -154,7 +165,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             else:
                 bar.step()
             if spiking and progress.spike_run >= args.spike_rollback:
-                roll_back(fabric, model, optimizer, run, progress, log, bar)
+                roll_back(fabric, model, optimizer, run, progress, log, bar, saver)
                 speed.resume()
                 continue
 
@@ -166,12 +177,17 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             stopping = stop.requested(fabric)
             save_every = args.save_interval
             if (save_every and progress.step % save_every == 0) or stopping:
-                checkpoint(fabric, model, optimizer, run, progress, bar)
+                checkpoint(fabric, model, optimizer, run, progress, saver)
             speed.resume()
             if stopping:
                 bar.write(f"Stopped at step {progress.step}; resume with --resume auto")
                 break
+        if saver is not None:
+            saver.wait(fabric)
+            finish_save(fabric, saver, run)
     finally:
+        if saver is not None:
+            saver.close()
         reader.close()
         bar.close()
         stop.restore()
@@ -204,10 +220,12 @@ def scaler_of(fabric):
     return getattr(fabric.strategy.precision, "scaler", None)
 
 
-def roll_back(fabric, model, optimizer, run: Run, progress: Progress, log, bar) -> None:
+def roll_back(fabric, model, optimizer, run: Run, progress: Progress, log, bar, saver) -> None:
     """After `spike_rollback` spikes in a row: reload the newest step folder from before them
     and skip the samples of the spiking steps from then on (or only skip them, with no such
     folder)."""
+    if saver is not None:
+        saver.wait(fabric)
     first_step, first_sample = progress.spike_start
     skipped = [first_sample, progress.samples]
     what = (
@@ -260,9 +278,21 @@ def restore_best(fabric, model, optimizer, run: Run, progress: Progress) -> None
     fabric.print(f"final/ is step {progress.best_step}: {rule.metric} {progress.best_value:.4f}")
 
 
-def checkpoint(fabric, model, optimizer, run: Run, progress: Progress, bar) -> None:
+def checkpoint(fabric, model, optimizer, run: Run, progress: Progress, saver) -> None:
     folder = run.out_dir / f"step-{progress.step:06d}"
+    if saver is not None:  # written in the background; finish_save once every rank is done
+        saver.start(fabric, folder, model, optimizer, progress, run.tokenizer_dir)
+        return
     save_step(fabric, folder, model, optimizer, progress, run.tokenizer_dir)
+    if rank0(fabric):
+        prune_steps(run.out_dir, run.train.keep_last)
+        plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")
+
+
+def finish_save(fabric, saver, run: Run) -> None:
+    """A background save is written on every rank: its folder goes into place."""
+    if saver.pending:
+        saver.complete(fabric)
     if rank0(fabric):
         prune_steps(run.out_dir, run.train.keep_last)
         plot_losses(run.out_dir / "metrics.csv", run.out_dir / "loss.png")
