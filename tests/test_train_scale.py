@@ -229,3 +229,14 @@ def test_a_crash_in_a_background_save_leaves_no_folder_resume_would_pick(tmp_pat
         tiny_run(tmp_path, {}, max_steps=6, save_interval=2, async_checkpoint=True)
     assert (tmp_path / ".step-000004.partial" / "model.safetensors").exists()
     assert find_resume("auto", tmp_path) == tmp_path / "step-000002"
+
+
+def test_a_sharded_step_folder_names_the_consolidated_one_to_use(tmp_path):
+    from lifecycle_cli import LLM
+    from lifecycle_cli.errors import UserError
+
+    step = tmp_path / "out" / "step-000003"
+    (step / "train_state").mkdir(parents=True)
+    (step / "train_state" / ".metadata").write_bytes(b"")  # what an FSDP run writes there
+    with pytest.raises(UserError, match="sharded .FSDP. step folder, for --resume.*out/final"):
+        LLM.load(step)
