@@ -119,11 +119,12 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
                 grad_norm = grad_norm.full_tensor()
             saved = torch.tensor(float(saver is None or saver.done()))
-            parts = (loss_sum / accumulation, grad_norm, tokens, router_sum, saved)
+            signalled = torch.tensor(float(stop.flag))
+            parts = (loss_sum / accumulation, grad_norm, tokens, router_sum, saved, signalled)
             figures = torch.stack([x.to(fabric.device, torch.float64) for x in parts])
-            if world > 1:  # one collective per step; every rank then takes the same decision
+            if world > 1:  # one collective per step; every rank then takes the same decisions
                 figures = fabric.all_reduce(figures, reduce_op="sum")
-            loss_total, norm_total, token_total, router_total, saved = figures.tolist()  # 1 sync
+            loss_total, norm_total, token_total, router_total, saved, signalled = figures.tolist()
             if saver is not None and saver.pending and saved == world:
                 finish_save(fabric, saver, run)
             train_loss, norm = loss_total / world, norm_total / world
@@ -174,7 +175,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             if (interval and progress.step % interval == 0) or (last and run.eval.final_validation):
                 figures = evaluate(fabric, model, run, progress, log, bar)
                 judge(fabric, model, optimizer, run, progress, figures)
-            stopping = stop.requested(fabric)
+            stopping = signalled > 0  # on any rank
             save_every = args.save_interval
             if (save_every and progress.step % save_every == 0) or stopping:
                 checkpoint(fabric, model, optimizer, run, progress, saver)
@@ -351,12 +352,6 @@ class StopRequest:
         if self.flag:  # a second signal: stop now
             raise KeyboardInterrupt
         self.flag = True
-
-    def requested(self, fabric) -> bool:
-        if fabric.world_size == 1:
-            return self.flag
-        flag = torch.tensor(float(self.flag), device=fabric.device)
-        return bool(fabric.all_reduce(flag, reduce_op="sum").item())
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
