@@ -139,6 +139,11 @@ def check_checkpoint_dir(checkpoint_dir: Path | str) -> Path:
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         raise UserError(f"checkpoint folder {folder} does not exist")
+    if (folder / "train_state" / ".metadata").is_file() and not weight_files(folder):
+        raise UserError(
+            f"{folder} is a sharded (FSDP) step folder, for --resume: its weights are "
+            f"distributed-checkpoint shards; use {folder.parent / 'final'}, the consolidated model"
+        )
     if not (folder / CONFIG_FILE).is_file():
         hint = (
             "; it looks like a Hugging Face folder: convert it with "

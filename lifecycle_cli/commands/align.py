@@ -58,6 +58,7 @@ def align(
     seed: int = 42,
     compile: bool = False,
     activation_checkpointing: bool = False,
+    fp8: bool = False,
     dry_run: bool = False,
     plan: PlanArgs = PlanArgs(),
 ) -> None:

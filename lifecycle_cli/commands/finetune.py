@@ -50,6 +50,7 @@ def finetune(
     seed: int = 42,
     compile: bool = False,
     activation_checkpointing: bool = False,
+    fp8: bool = False,
     dry_run: bool = False,
     plan: PlanArgs = PlanArgs(),
 ) -> None:

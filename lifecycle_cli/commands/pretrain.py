@@ -40,6 +40,7 @@ def pretrain(
     seed: int = 42,
     compile: bool = False,
     activation_checkpointing: bool = False,
+    fp8: bool = False,
     dry_run: bool = False,
     plan: PlanArgs = PlanArgs(),
 ) -> None:

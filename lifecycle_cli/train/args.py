@@ -51,6 +51,13 @@ class TrainArgs:
     not improved for `patience` evaluations; final/ is then the best evaluation's model."""
     patience: int = 3
     """Evaluations without improvement before --train.early_stopping stops the run."""
+    spike_rollback: Optional[int] = None
+    """After this many consecutive steps whose loss exceeds spike_factor x its running mean,
+    reload the newest step folder saved before them and skip their batches (None: never)."""
+    spike_factor: float = 2.0
+    """A step's loss above this times the mean of the last steps' losses is a spike."""
+    async_checkpoint: bool = False
+    """Write step folders in the background while training continues."""
 
     def validate(self, world_size: int) -> None:
         per_pass = self.micro_batch_size * world_size
@@ -64,6 +71,10 @@ class TrainArgs:
         for name in ("global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise UserError(f"--train.{name} must be at least 1")
+        if self.spike_rollback is not None and self.spike_rollback < 1:
+            raise UserError("--train.spike_rollback must be at least 1 (or None: never)")
+        if not self.spike_factor > 1:
+            raise UserError(f"--train.spike_factor {self.spike_factor} must be above 1")
 
     def accumulation(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * world_size)
@@ -115,7 +126,7 @@ class EvalArgs:
 Resume = Union[bool, Literal["auto"], Path]
 Devices = Union[int, str]
 StrategyName = Literal["auto", "ddp", "fsdp"]
-LoggerName = Literal["csv", "tensorboard"]
+LoggerName = Literal["csv", "tensorboard", "wandb", "mlflow"]
 
 RUN_FLAGS_HELP = """
         resume: `auto` continues from the newest step folder in out_dir (or starts fresh if there
@@ -123,12 +134,16 @@ RUN_FLAGS_HELP = """
         devices: Devices (processes on CPU) per node.
         num_nodes: Machines; launch one process per node the way Fabric/torchrun does.
         strategy: auto (one device or DDP), ddp, or fsdp (FSDP2, sharded).
-        precision: 32-true, bf16-mixed, bf16-true, 16-mixed (default: bf16-mixed on a GPU that
-            supports it, else 32-true).
-        logger: csv (metrics.csv) or tensorboard (also out_dir/tensorboard/).
+        precision: 32-true, bf16-mixed, bf16-true, 16-mixed (CUDA only) (default: bf16-mixed on
+            a GPU that supports it, else 32-true). The mixed modes keep fp32 weights, optimizer
+            state and (FSDP) gradient reductions.
+        logger: Where metrics go besides out_dir/metrics.csv: csv (nowhere else), tensorboard
+            (out_dir/tensorboard/), wandb (offline in out_dir/wandb/ unless WANDB_MODE=online)
+            or mlflow (MLFLOW_TRACKING_URI, default out_dir/mlruns/).
         seed: Seed for initialisation, data order, dropout and the validation split.
         compile: Compile the model with torch.compile.
         activation_checkpointing: Recompute each block's activations in backward (FSDP only).
+        fp8: Train the blocks' linear layers in float8 (torchao; H100-class GPUs only).
 """
 
 

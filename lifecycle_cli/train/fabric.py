@@ -15,6 +15,60 @@ from lifecycle_cli.errors import UserError
 from lifecycle_cli.model import GPT
 
 Strategy = Literal["auto", "ddp", "fsdp"]
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+
+
+def choose_precision(precision: Optional[str], accelerator: str) -> str:
+    """The Fabric precision to train in: given (and possible here), or the device's default."""
+    if precision is None:
+        bf16 = accelerator == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16-mixed" if bf16 else "32-true"
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "16-mixed" and accelerator != "cuda":
+        # Fabric would quietly switch to bf16-mixed on CPU.
+        raise UserError(
+            "--precision 16-mixed needs a CUDA GPU (float16 autocast with a gradient scaler); "
+            "on CPU use 32-true, bf16-mixed or bf16-true"
+        )
+    return precision
+
+
+def check_fp8(accelerator: str) -> None:
+    """--fp8 (torchao float8 training) needs an H100-class GPU and torchao."""
+    if accelerator != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+        found = torch.cuda.get_device_name() if accelerator == "cuda" else "no CUDA GPU"
+        raise UserError(
+            f"--fp8 needs an H100-class GPU (CUDA compute capability 8.9 or newer); found {found}"
+        )
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise UserError("--fp8 needs torchao: pip install torchao") from None
+
+
+def to_float8(model: GPT) -> GPT:
+    """Train the blocks' linear layers in float8 (dynamic scaling, torchao); the embedding,
+    lm_head and layers whose sizes are not multiples of 16 stay in higher precision."""
+    from torchao.float8 import convert_to_float8_training
+
+    def chosen(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear) or not fqn.startswith("blocks."):
+            return False
+        return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    return convert_to_float8_training(model, module_filter_fn=chosen)
+
+
+def mixed_precision_policy(precision: str):
+    """FSDP2's policy: compute in the half dtype of a mixed mode, keep fp32 master weights and
+    reduce gradients in fp32 (None: FSDP2's default, the parameters' own dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    if half is None:
+        return None
+    return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
 
 
 def setup_fabric(
@@ -23,19 +77,23 @@ def setup_fabric(
     strategy: Strategy,
     precision: Optional[str],
     activation_checkpointing: bool = False,
+    fp8: bool = False,
 ):
     """A launched Fabric. On CPU `devices` is the number of processes (gloo)."""
     import lightning as L
     from lightning.fabric.strategies import ModelParallelStrategy
 
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    if precision is None:
-        bf16 = accelerator == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "bf16-mixed" if bf16 else "32-true"
+    precision = choose_precision(precision, accelerator)
+    if fp8:
+        check_fp8(accelerator)
     if strategy == "fsdp":
         n = devices if isinstance(devices, int) else torch.cuda.device_count() or 1
+        policy = mixed_precision_policy(precision)
         chosen = ModelParallelStrategy(
-            parallelize_fn=lambda model, mesh: parallelize(model, mesh, activation_checkpointing),
+            parallelize_fn=lambda model, mesh: parallelize(
+                model, mesh, activation_checkpointing, policy
+            ),
             data_parallel_size=n * num_nodes,
             tensor_parallel_size=1,
         )
@@ -58,8 +116,11 @@ def setup_fabric(
     return fabric
 
 
-def parallelize(model: GPT, device_mesh, activation_checkpointing: bool = False) -> GPT:
-    """FSDP2: shard each Block, then the rest of the model, over the data-parallel mesh."""
+def parallelize(
+    model: GPT, device_mesh, activation_checkpointing: bool = False, policy=None
+) -> GPT:
+    """FSDP2: shard each Block, then the rest of the model, over the data-parallel mesh (in
+    `policy`'s mixed precision, if any)."""
     from torch.distributed.fsdp import fully_shard
 
     mesh = device_mesh["data_parallel"]
@@ -70,9 +131,10 @@ def parallelize(model: GPT, device_mesh, activation_checkpointing: bool = False)
 
         for i, block in enumerate(model.blocks):
             model.blocks[i] = checkpoint_wrapper(block)
+    kwargs = {} if policy is None else {"mp_policy": policy}
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
     return model
 
 

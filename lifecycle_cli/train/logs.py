@@ -1,40 +1,86 @@
-"""What a run shows and leaves behind: a progress bar, metrics.csv (+ TensorBoard), loss.png."""
+"""What a run shows and leaves behind: a progress bar, metrics.csv (+ TensorBoard, Weights &
+Biases or MLflow through Lightning's loggers), loss.png."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+from lifecycle_cli.errors import UserError
+
 COLUMNS = (
     "step", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu",
-    "elapsed_sec",
+    "elapsed_sec", "skipped_steps", "rollbacks",
 )  # fmt: skip
 
 
+# --logger: the package each one needs (csv needs none).
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_logger(name: str) -> None:
+    """Refuse a logger whose package is not installed, saying how to install it."""
+    package = LOGGER_PACKAGES.get(name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        pip = "mlflow-skinny" if name == "mlflow" else package
+        raise UserError(f"--logger {name} needs the {package} package: pip install {pip}")
+
+
+def make_logger(name: str, out_dir: Path):
+    """Lightning's logger for `--logger name` (None for csv: metrics.csv is always written).
+
+    wandb runs offline (out_dir/wandb/, `wandb sync` uploads it) unless WANDB_MODE=online;
+    mlflow logs to MLFLOW_TRACKING_URI, by default a store in out_dir/mlruns/.
+    """
+    if name == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(root_dir=out_dir / "tensorboard", name="", version="")
+    if name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        online = os.environ.get("WANDB_MODE") == "online"
+        return WandbLogger(project="llmcycle", name=out_dir.name, save_dir=out_dir,
+                           offline=not online)  # fmt: skip
+    if name == "mlflow":
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if uri is None:  # a local store needs no server (and no database package)
+            uri = (out_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        return MLFlowLogger(experiment_name="llmcycle", run_name=out_dir.name, tracking_uri=uri)
+    return None
+
+
 class MetricsLog:
-    """Rows of metrics appended to `out_dir/metrics.csv` (rank 0 only).
+    """Rows of metrics appended to `out_dir/metrics.csv` (rank 0 only), and to the --logger.
 
     On resume, rows after the resumed step are dropped so the file reads like one run. A figure
     not seen before (an --eval.tasks metric) adds a column: the file is rewritten with it.
     """
 
-    def __init__(
-        self, out_dir: Path, resume_step: int = 0, tensorboard: bool = False, extra=()
-    ) -> None:
+    def __init__(self, out_dir: Path, resume_step: int = 0, logger: str = "csv", extra=()):
         self.path = out_dir / "metrics.csv"
-        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= resume_step]
-        known = (*COLUMNS, *extra)
-        self.columns = (*known, *(k for k in (rows[0] if rows else {}) if k not in known))
+        self.columns = (*COLUMNS, *extra)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.write(rows)
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.rewind(resume_step)
+        self.logger = make_logger(logger, out_dir)
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step` (a resumed or rolled-back run continues from there); the
+        columns of figures first seen later (--eval.tasks metrics) stay."""
+        rows = [r for r in read_metrics(self.path) if int(r["step"]) <= step]
+        self.columns = (
+            *self.columns,
+            *(k for k in (rows[0] if rows else {}) if k not in self.columns),
+        )
+        self.write(rows)
 
     def write(self, rows: list[dict]) -> None:
         with self.path.open("w", newline="") as f:
@@ -50,11 +96,12 @@ class MetricsLog:
             self.write(read_metrics(self.path))
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "step":
-                    self.tb.add_scalar(key, value, step)
-            self.tb.flush()
+        if self.logger is not None:
+            self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.finalize("success")
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -117,6 +164,11 @@ class ProgressBar:
             figures += extra
             self.bar.set_postfix_str(figures, refresh=False)
         self.bar.update(1)
+
+    def restart(self, step: int) -> None:
+        """Show `step` as the current one again (after a rollback)."""
+        self.bar.reset(total=self.bar.total)
+        self.bar.update(step)
 
     def write(self, message: str) -> None:
         self.bar.write(message, file=sys.stderr)

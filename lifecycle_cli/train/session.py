@@ -45,6 +45,7 @@ class RunFlags:
     seed: int = 42
     compile: bool = False
     activation_checkpointing: bool = False
+    fp8: bool = False
 
     @classmethod
     def pick(cls, flags: dict[str, Any]) -> RunFlags:
@@ -94,13 +95,15 @@ def run_session(
     import torch
 
     from lifecycle_cli.train.early_stopping import EarlyStopping
-    from lifecycle_cli.train.fabric import is_sharded, make_optimizer, setup_fabric
+    from lifecycle_cli.train.fabric import is_sharded, make_optimizer, setup_fabric, to_float8
+    from lifecycle_cli.train.logs import check_logger
     from lifecycle_cli.train.loop import Run, fit
     from lifecycle_cli.train.state import Progress, find_resume, load_step
     from lifecycle_cli.train.throughput import flops_per_token
 
     if run.activation_checkpointing and run.strategy != "fsdp":
         raise UserError("--activation_checkpointing applies to --strategy fsdp")
+    check_logger(run.logger)
     rule = EarlyStopping.of(train.early_stopping, train.patience, task.extra_metrics, out_dir)
     tasks = None
     if eval.tasks is not None:  # a bad task list or file is refused before anything starts
@@ -112,8 +115,9 @@ def run_session(
             raise UserError(f"--eval.{flag} applies to --eval.tasks")
     resume_from = find_resume(run.resume, out_dir)
     fabric = setup_fabric(
-        run.devices, run.num_nodes, run.strategy, run.precision, run.activation_checkpointing
-    )
+        run.devices, run.num_nodes, run.strategy, run.precision, run.activation_checkpointing,
+        run.fp8,
+    )  # fmt: skip
     train.validate(fabric.world_size)
     task.check(fabric)
     fabric.seed_everything(run.seed, verbose=False)
@@ -129,6 +133,8 @@ def run_session(
 
     model = task.model(fabric, seq_length)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if run.fp8:
+        model = to_float8(model)
     if run.compile:
         model = torch.compile(model)
     model = fabric.setup(model)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,14 @@ class Progress:
     best_step: Optional[int] = None
     best_value: Optional[float] = None
     evals_since_best: int = 0
+    # guards (train/guards.py): steps not applied (non-finite loss or gradient norm), rollbacks,
+    # sample ranges [start, end) a rollback skipped, the running loss window, the spike run
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    skip: list = field(default_factory=list)
+    recent_losses: list = field(default_factory=list)
+    spike_run: int = 0
+    spike_start: Optional[list] = None  # [step, data position] of the run's first spike
 
 
 def step_dirs(out_dir: Path) -> list[Path]:
@@ -61,7 +70,7 @@ def find_resume(resume: bool | str | Path, out_dir: Path) -> Optional[Path]:
 
 def save_step(fabric, folder: Path, model, optimizer, progress: Progress, tokenizer_dir) -> None:
     """Write a resumable step folder atomically (all ranks call this)."""
-    tmp = folder.parent / f".{folder.name}.partial"
+    tmp = partial_dir(folder)
     if fabric.global_rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / STATE_DIR).mkdir(parents=True)
@@ -78,6 +87,109 @@ def save_step(fabric, folder: Path, model, optimizer, progress: Progress, tokeni
     if fabric.global_rank == 0:
         replace_dir(tmp, folder)
     fabric.barrier()
+
+
+class BackgroundSave:
+    """Step folders written while training goes on (`--train.async_checkpoint`).
+
+    `start` copies the state (to CPU) and returns; the files are written in the background,
+    into `.step-NNNNNN.partial/`, a name `--resume auto` never picks. Under FSDP every rank
+    writes its shards with `torch.distributed.checkpoint.async_save` (the layout `fabric.save`
+    writes, so `fabric.load` reads it); otherwise rank 0 writes the checkpoint folder in a
+    thread. Only when every rank reports its writes `done()` (the loop reduces the flag with its
+    per-step figures) does `complete` rename the folder into place on rank 0.
+    """
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="llmcycle-save")
+        self.future = None
+        self.folder: Optional[Path] = None
+        self.group = None
+
+    @property
+    def pending(self) -> bool:
+        return self.folder is not None
+
+    def done(self) -> bool:
+        """This rank has nothing left to write."""
+        return self.future is None or self.future.done()
+
+    def start(self, fabric, folder: Path, model, optimizer, progress: Progress, tokenizer_dir):
+        self.wait(fabric)
+        tmp = partial_dir(folder)
+        if fabric.global_rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / STATE_DIR).mkdir(parents=True)
+        fabric.barrier()
+        meta = {"progress": asdict(progress), "rng": rng_state()}
+        if is_sharded(fabric):
+            from torch.distributed.checkpoint import async_save
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            module, options = unwrap(model), StateDictOptions(cpu_offload=True)
+            shards = {
+                "model": get_model_state_dict(module, options=options),
+                "optimizer": get_optimizer_state_dict(module, optimizer, options=options),
+            }
+            if self.group is None:  # its writes gather in a thread: a CPU (gloo) group
+                self.group = torch.distributed.new_group(backend="gloo")
+            self.future = async_save(
+                shards, checkpoint_id=tmp / STATE_DIR, process_group=self.group
+            )  # stages a copy; fmt: skip
+            if fabric.global_rank == 0:
+                torch.save(meta, tmp / STATE_DIR / "meta.pt")  # what fabric.save puts beside
+        elif fabric.global_rank == 0:
+            module = unwrap(model)
+            weights = cpu_copy(module.state_dict())
+            state = {"optimizer": cpu_copy(optimizer.state_dict()), **meta}
+            self.future = self.pool.submit(write_step, tmp, module.config, weights, state,
+                                           tokenizer_dir)  # fmt: skip
+        self.folder = folder
+
+    def complete(self, fabric) -> None:
+        """Every rank is done: put the folder in place (rank 0); raise what a writer raised."""
+        if self.future is not None:
+            self.future.result()
+        if fabric.global_rank == 0:
+            replace_dir(partial_dir(self.folder), self.folder)
+        self.future, self.folder = None, None
+
+    def wait(self, fabric) -> None:
+        """Finish the save under way, if any (all ranks call this)."""
+        if not self.pending:
+            return
+        if self.future is not None:
+            self.future.result()
+        fabric.barrier()
+        self.complete(fabric)
+        fabric.barrier()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def write_step(tmp: Path, config, weights: dict, state: dict, tokenizer_dir) -> None:
+    write_checkpoint_files(tmp, config, weights, tokenizer_dir)
+    torch.save(state, tmp / STATE_DIR / STATE_FILE)
+
+
+def cpu_copy(obj):
+    """A state dict with every tensor copied to CPU (training goes on changing the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def partial_dir(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.partial"
 
 
 def save_final(fabric, folder: Path, model, tokenizer_dir) -> None:
