@@ -24,6 +24,7 @@ def chat(
     precision: Optional[str] = None,
     device: str = "auto",
     compile: bool = False,
+    quantize: Optional[str] = None,
     **sampling: Any,
 ) -> None:
     """Chat with a model in the terminal. The whole conversation is the prompt of each reply
@@ -46,11 +47,14 @@ def chat(
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.
         compile: Compile the decoding step with torch.compile (some seconds before the first
             reply, faster after).
+        quantize: int8 or int4: weight-only quantized linear layers and output head (int8
+            per output channel, int4 per group of 32 inputs), for less memory and faster
+            decoding; the checkpoint is unchanged. Default: the weights as stored.
     """
     from lifecycle_cli.api import load_for_inference
 
     params = from_flags(sampling)  # bad values fail here, before the model loads
-    llm = load_for_inference(checkpoint_dir, device, precision)
+    llm = load_for_inference(checkpoint_dir, device, precision, quantize)
     style = llm.prompt_style(prompt_style, default="chat")
     params = params.replace(stop=params.stop + style.stop)
     session = ChatSession(llm.generator(compile=compile), llm.tokenizer, style, params, system)

@@ -53,13 +53,15 @@ def task_function(kind: str, role: str = "run") -> Optional[Callable[..., Any]]:
 class Context:
     """One loaded checkpoint and the run's settings, as the tasks see them."""
 
-    def __init__(self, checkpoint_dir: Path, settings: Settings, device: str, precision) -> None:
+    def __init__(
+        self, checkpoint_dir: Path, settings: Settings, device: str, precision, quantize=None
+    ) -> None:
         from lifecycle_cli.api import load_for_inference
 
         self.checkpoint_dir = Path(checkpoint_dir)
         self.settings = settings
         self.device, self.precision = device, precision
-        self.llm = load_for_inference(checkpoint_dir, device, precision)
+        self.llm = load_for_inference(checkpoint_dir, device, precision, quantize)
         self.model, self.tokenizer = self.llm.model, self.llm.tokenizer
         self.model.eval()
 
@@ -119,6 +121,7 @@ def run(
     device: str = "auto",
     precision: Optional[str] = None,
     say: Callable[[str], None] = print,
+    quantize: Optional[str] = None,
 ) -> list[list[TaskResult]]:
     """Evaluate every checkpoint on every task; the results per checkpoint."""
     import torch
@@ -128,7 +131,7 @@ def run(
     per_checkpoint: list[list[TaskResult]] = []
     for checkpoint in checkpoints:
         torch.manual_seed(42 if settings.seed is None else settings.seed)
-        ctx = Context(checkpoint, settings, device, precision)
+        ctx = Context(checkpoint, settings, device, precision, quantize)
         results: list[TaskResult] = []
         for kind, args in groups(specs):
             results += task_function(kind)(ctx, args)
