@@ -25,10 +25,14 @@ def load_for_inference(
     device: str = "auto",
     precision: Optional[str] = None,
     quantize: Optional[str] = None,
+    draft_checkpoint: Optional[Path | str] = None,
+    draft_tokens: int = 4,
+    draft_quantize: Optional[str] = None,
 ) -> LLM:
     """What `generate`, `chat`, `serve` and `evaluate` load: an `LLM` with a tokenizer, on
     `device` ('auto': CUDA if there is one) in `precision` (None: bf16 on a GPU that has it, else
-    32-true), its linear layers `quantize`d (int8, int4) if asked, which is reported on stderr."""
+    32-true), its linear layers `quantize`d (int8, int4) if asked, which is reported on stderr;
+    with `draft_checkpoint`, a draft model for speculative decoding (see `LLM.load`)."""
     from lifecycle_cli.checkpoint import check_checkpoint_dir
     from lifecycle_cli.generate import resolve_device, resolve_precision
     from lifecycle_cli.generate.options import check_quantize
@@ -37,8 +41,19 @@ def load_for_inference(
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"{folder} has no tokenizer.json: generating text needs a tokenizer")
     check_quantize(quantize)
+    check_quantize(draft_quantize, "--draft_quantize")
+    if draft_tokens < 1:
+        raise UserError(f"--draft_tokens must be at least 1, got {draft_tokens}")
+    if draft_checkpoint is not None:
+        draft_checkpoint = check_checkpoint_dir(draft_checkpoint)
+    elif draft_quantize is not None:
+        raise UserError("--draft_quantize needs --draft_checkpoint (the draft model to quantize)")
     dev = resolve_device(device)
-    llm = LLM.load(folder, device=dev, dtype=resolve_precision(precision, dev), quantize=quantize)
+    llm = LLM.load(
+        folder, device=dev, dtype=resolve_precision(precision, dev), quantize=quantize,
+        draft_checkpoint=draft_checkpoint, draft_tokens=draft_tokens,
+        draft_quantize=draft_quantize,
+    )  # fmt: skip
     if llm.weight_bytes is not None:
         before, after = llm.weight_bytes
         print(
@@ -60,6 +75,8 @@ class LLM:
         self._compiled = False
         # (bytes before, after) when loaded with `quantize`
         self.weight_bytes: Optional[tuple[int, int]] = None
+        self.draft: Optional[GPT] = None  # speculative decoding's draft model
+        self.draft_tokens = 4
 
     @property
     def config(self) -> Config:
@@ -72,12 +89,18 @@ class LLM:
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         quantize: Optional[str] = None,
+        draft_checkpoint: Optional[Path | str] = None,
+        draft_tokens: int = 4,
+        draft_quantize: Optional[str] = None,
     ) -> LLM:
         """Load any checkpoint folder the tool wrote (float32 on CPU unless `dtype` says).
 
         quantize: int8 (per output channel) or int4 (per group of 32 inputs) weight-only
         quantized linear layers and output head, for inference (`generate.quantized`); the
-        checkpoint on disk is unchanged. `weight_bytes` then holds the bytes before and after."""
+        checkpoint on disk is unchanged. `weight_bytes` then holds the bytes before and after.
+        draft_checkpoint: a model with the same tokenizer (smaller, or this one quantized with
+        `draft_quantize`) that proposes `draft_tokens` tokens per step for this one to verify
+        in one pass (speculative decoding, one prompt at a time; greedy output unchanged)."""
         from lifecycle_cli.generate.quantized import quantize_for_inference
 
         checkpoint_dir = Path(checkpoint_dir)
@@ -86,6 +109,9 @@ class LLM:
         llm = cls(model, Tokenizer(checkpoint_dir) if has_tokenizer else None, checkpoint_dir)
         if quantize is not None:
             llm.weight_bytes = quantize_for_inference(model, quantize)
+        if draft_checkpoint is not None:
+            llm.draft = cls.load(draft_checkpoint, device, dtype, quantize=draft_quantize).model
+            llm.draft_tokens = draft_tokens
         return llm
 
     def generator(self, compile: bool = False) -> Generator:
@@ -94,7 +120,12 @@ class LLM:
         compile: compile the decoding step (the weights must not change afterwards)."""
         if self._generator is None or (compile and not self._compiled):
             fast_decode_layout(self.model)
-            self._generator = Generator(self.model, self.tokenizer, compile=compile)
+            if self.draft is not None:
+                fast_decode_layout(self.draft)
+            self._generator = Generator(
+                self.model, self.tokenizer, compile=compile, draft=self.draft,
+                draft_tokens=self.draft_tokens,
+            )  # fmt: skip
             self._compiled = compile
         return self._generator
 
