@@ -39,11 +39,13 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        dtype = _kernel_dtype(w.device, linear.weight.dtype)
+        # Rounded to the kernel's dtype first: the weights are rounded to the grid it multiplies.
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype)
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", q.contiguous())
-        self.register_buffer("scale", scale.to(_kernel_dtype(w.device, linear.weight.dtype)))
+        self.register_buffer("scale", scale)
         self.bias = _bias(linear)
 
     def dequantized(self) -> torch.Tensor:
@@ -70,10 +72,13 @@ class Int4Linear(nn.Module):
         N, K = w.shape
         groups = w.view(N, K // group_size, group_size)
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = ((high - low) / 15).clamp(min=1e-12)
-        q = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).view(N, K)
-        zero = low + 8 * scale  # the kernels compute (q - 8) * scale + zero
         dtype = _kernel_dtype(w.device, linear.weight.dtype)
+        # The kernels compute (q - 8) * scale + zero. Scale and zero are rounded to the kernel's
+        # dtype first and the weights rounded to the grid they define (rounding them after
+        # would shift every weight of a group by the zero point's rounding error).
+        scale = ((high - low) / 15).clamp(min=1e-12).to(dtype).float()
+        zero = (low + 8 * scale).to(dtype).float()
+        q = torch.round((groups - zero) / scale + 8).clamp(0, 15).to(torch.int32).view(N, K)
         # (K / group_size, N, 2): the layout the kernels read
         scales_zeros = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(dtype)
         if w.device.type == "cuda":
