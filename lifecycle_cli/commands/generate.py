@@ -18,6 +18,10 @@ def generate(
     precision: Optional[str] = None,
     device: str = "auto",
     compile: bool = False,
+    quantize: Optional[str] = None,
+    draft_checkpoint: Optional[Path] = None,
+    draft_tokens: int = 4,
+    draft_quantize: Optional[str] = None,
     **sampling: Any,
 ) -> None:
     """Generate a completion of a prompt and print it as it is generated.
@@ -38,12 +42,23 @@ def generate(
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.
         compile: Compile the decoding step with torch.compile: faster per token, after some
             seconds of compiling. Pays off for long outputs.
+        quantize: int8 or int4: weight-only quantized linear layers and output head (int8
+            per output channel, int4 per group of 32 inputs), for less memory and faster
+            decoding; the checkpoint is unchanged. Default: the weights as stored.
+        draft_checkpoint: Speculative decoding: a model with the same tokenizer (smaller, or
+            this one with --draft_quantize) proposes --draft_tokens tokens that this model
+            checks in one pass; greedy output is unchanged, samples keep this model's
+            distribution. The acceptance rate goes to stderr with the timing.
+        draft_tokens: Tokens the draft proposes per step.
+        draft_quantize: int8 or int4: quantize the draft model's weights (as --quantize).
     """
     from lifecycle_cli.api import load_for_inference
     from lifecycle_cli.generate import format_stats
 
     params = from_flags(sampling)  # bad values fail here, before the model loads
-    llm = load_for_inference(checkpoint_dir, device, precision)
+    llm = load_for_inference(
+        checkpoint_dir, device, precision, quantize, draft_checkpoint, draft_tokens, draft_quantize
+    )
     ids, style_stops = llm.prepare_prompt(prompt, prompt_style, system)
     params = params.replace(stop=params.stop + style_stops)
     stream = llm.generator(compile=compile).stream(ids, params)

@@ -66,10 +66,12 @@ class Context:
             self.style = style
 
     @classmethod
-    def load(cls, checkpoint_dir: Path, settings: Settings, device: str, precision) -> Context:
+    def load(
+        cls, checkpoint_dir: Path, settings: Settings, device: str, precision, quantize=None
+    ) -> Context:
         from lifecycle_cli.api import load_for_inference
 
-        llm = load_for_inference(checkpoint_dir, device, precision)
+        llm = load_for_inference(checkpoint_dir, device, precision, quantize)
         llm.model.eval()
         return cls(checkpoint_dir, settings, llm.model, llm.tokenizer)
 
@@ -132,6 +134,7 @@ def run(
     device: str = "auto",
     precision: Optional[str] = None,
     say: Callable[[str], None] = print,
+    quantize: Optional[str] = None,
 ) -> list[list[TaskResult]]:
     """Evaluate every checkpoint on every task; the results per checkpoint."""
     import torch
@@ -141,7 +144,7 @@ def run(
     per_checkpoint: list[list[TaskResult]] = []
     for checkpoint in checkpoints:
         torch.manual_seed(42 if settings.seed is None else settings.seed)
-        ctx = Context.load(checkpoint, settings, device, precision)
+        ctx = Context.load(checkpoint, settings, device, precision, quantize)
         results: list[TaskResult] = []
         for kind, args in groups(specs):
             results += task_function(kind)(ctx, args)

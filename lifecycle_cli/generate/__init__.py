@@ -3,7 +3,9 @@
     engine.py     Engine: slots of one static KV cache, prefill, decode steps, events
     generator.py  Generator: the engine for a batch of prompts at a time; Completion, streams
     options.py    SamplingParams (checked once), prompt-length check; no torch
-    sampling.py   sample, repetition penalty, Sampler (per-slot settings as tensors)
+    sampling.py   sample, probabilities, draw, repetition penalty, Sampler (per-slot settings)
+    quantized.py  --quantize int8|int4: weight-only quantized linear layers for inference
+    speculative.py  Drafter, verify: speculative decoding with a draft model
     text.py       TextStream: tokens -> text pieces (whole UTF-8 characters, stop strings)
     device.py     resolve_device, resolve_precision
 
@@ -35,7 +37,11 @@ _WHERE = {
     "unescape": "options",
     "Sampler": "sampling",
     "apply_repetition_penalty": "sampling",
+    "draw": "sampling",
+    "probabilities": "sampling",
     "sample": "sampling",
+    "quantize_for_inference": "quantized",
+    "Drafter": "speculative",
     "TextStream": "text",
     "PRECISIONS": "device",
     "resolve_device": "device",

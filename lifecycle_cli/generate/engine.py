@@ -35,6 +35,7 @@ from lifecycle_cli.generate.sampling import Sampler
 from lifecycle_cli.generate.text import TextStream
 
 if TYPE_CHECKING:
+    from lifecycle_cli.generate.speculative import Drafter
     from lifecycle_cli.model import GPT
     from lifecycle_cli.tokenizer import Tokenizer
 
@@ -103,6 +104,8 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # generated so far
     batch: int = 1  # the most rows this one decoded with in one step
     first_token_at: Optional[float] = None  # time.perf_counter()
+    drafted: int = 0  # speculative decoding: tokens the draft proposed
+    accepted: int = 0  # ... and the target kept
 
     @property
     def generated(self) -> int:
@@ -121,6 +124,8 @@ class Engine:
     slot over the whole cache, so their shapes only change when the cache grows.
     raise_errors: let a failing step raise (a library call) instead of ending the rows it
     concerned with `error` events (a server, which must stay up).
+    drafter: speculative decoding (speculative.py) whenever one row decodes alone (without a
+    repetition penalty): the draft proposes, the target verifies in one eager forward pass.
     """
 
     def __init__(
@@ -131,8 +136,10 @@ class Engine:
         *,
         compile: bool = False,
         raise_errors: bool = False,
+        drafter: Optional[Drafter] = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.drafter = drafter
         self.device = next(model.parameters()).device
         self.compiled, self._compile_checked = compile, False
         self._decode = decode_step
@@ -232,7 +239,8 @@ class Engine:
             rows = [row for row in self.slots if row is not None]
             if rows:
                 try:
-                    self._decode_rows(rows, events)
+                    if not (len(rows) == 1 and self._speculate(rows[0], events)):
+                        self._decode_rows(rows, events)
                 except Exception as e:
                     self._fail(rows, e, events, "decode step failed")
         return events
@@ -345,6 +353,39 @@ class Engine:
         for row, token in zip(rows, self.sampler(logits, slots)):
             self._take(row, token, events)
 
+    def _speculate(self, row: Row, events: list) -> bool:
+        """Advance one row by a speculative step (False if it cannot take one)."""
+        from lifecycle_cli.generate.speculative import verify
+
+        drafter = self.drafter
+        if drafter is None or row.params.repetition_penalty != 1:
+            return False
+        p = len(row.prompt) + row.generated - 1  # the position of the row's last token
+        k = min(drafter.k, row.budget - row.generated, drafter.context - p)
+        if k < 1:
+            return False
+        drafter.reserve(self.cache_len)
+        seq = row.prompt + row.tokens
+        generator = self.sampler.generators[row.slot]
+        drafts, draft_probs = drafter.propose(seq, k, row.params, generator)
+        idx = torch.cat([torch.tensor([row.tokens[-1]], device=self.device), drafts])
+        positions = torch.arange(p, p + k + 1, device=self.device)
+        with self.model.kv_cache_window(row.slot, row.slot + 1, p + k + 1):
+            logits = self.model(idx.view(1, -1), input_pos=positions)[0]
+        n, token, *proposed = torch.cat(
+            [verify(drafts, draft_probs, logits, row.params, generator), drafts]
+        ).tolist()
+        kept = proposed[:n]
+        drafter.kept(seq, kept, k)
+        self.cached[row.slot] += [row.tokens[-1], *kept]
+        row.drafted += k
+        row.accepted += n
+        for t in [*kept, token]:
+            if self.slots[row.slot] is not row:  # ended (a stop, the budget)
+                break
+            self._take(row, t, events)
+        return True
+
     def _first_compiled_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         try:
             logits = self._decode(self.model, token, input_pos)
@@ -383,6 +424,8 @@ class Engine:
                 "completion_tokens": row.generated,
                 "batch": row.batch,
                 "first_token_at": row.first_token_at,
+                "drafted": row.drafted,
+                "accepted": row.accepted,
             }
             events.append((row.key, "done", done))
 

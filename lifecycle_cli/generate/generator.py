@@ -38,6 +38,13 @@ class Completion:
     finish_reason: Optional[str] = None
     time_to_first_token: Optional[float] = None  # seconds from the call to the first token
     seconds: float = 0.0  # from the call to the end
+    drafted: int = 0  # speculative decoding: tokens the draft model proposed
+    accepted: int = 0  # ... and the model kept
+
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        """The share of draft tokens kept (None without speculative decoding)."""
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def completion_tokens(self) -> int:
@@ -49,11 +56,17 @@ class Completion:
 
 
 def format_stats(completion: Completion) -> str:
-    """LitGPT's timing line."""
-    return (
+    """LitGPT's timing line (and the draft's acceptance rate, if a draft model proposed)."""
+    line = (
         f"Time for inference: {completion.seconds:.2f} sec total, "
         f"{completion.tokens_per_second:.2f} tokens/sec, {completion.completion_tokens} tokens"
     )
+    if completion.acceptance_rate is not None:
+        line += (
+            f", draft acceptance {completion.acceptance_rate:.0%} "
+            f"({completion.accepted}/{completion.drafted})"
+        )
+    return line
 
 
 class BatchStream:
@@ -99,6 +112,7 @@ class BatchStream:
                 c.finish_reason = payload["finish_reason"]
                 c.time_to_first_token = payload["first_token_at"] - self._start
                 c.seconds = now - self._start
+                c.drafted, c.accepted = payload["drafted"], payload["accepted"]
             else:  # engines built with raise_errors report no errors as events
                 raise RuntimeError(payload["message"])
         return pieces
@@ -148,13 +162,28 @@ class Generator:
     compile: compile the decoding step with `torch.compile` (the weights must not change while
     this generator is in use). Pays off for long outputs; the first call takes some seconds to
     compile, and so does the first call that needs a longer cache or another batch size.
+    draft, draft_tokens: speculative decoding for one prompt at a time: `draft` (a smaller or
+    quantized model with the same tokenizer) proposes `draft_tokens` tokens per step.
     """
 
     def __init__(
-        self, model: GPT, tokenizer: Optional[Tokenizer] = None, *, compile: bool = False
+        self,
+        model: GPT,
+        tokenizer: Optional[Tokenizer] = None,
+        *,
+        compile: bool = False,
+        draft: Optional[GPT] = None,
+        draft_tokens: int = 4,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, tokenizer, 1, compile=compile, raise_errors=True)
+        drafter = None
+        if draft is not None:
+            from lifecycle_cli.generate.speculative import Drafter
+
+            drafter = Drafter(draft, model, draft_tokens)
+        self.engine = Engine(
+            model, tokenizer, 1, compile=compile, raise_errors=True, drafter=drafter
+        )
         self._open: Optional[BatchStream] = None
 
     @property

@@ -127,6 +127,15 @@ def check_prompt_length(n_tokens: int, context: int, what: str = "the prompt") -
         )
 
 
+QUANTIZE_FORMATS = ("int8", "int4")  # weight-only inference formats (generate/quantized.py)
+
+
+def check_quantize(quantize: Optional[str], flag: str = "--quantize") -> None:
+    """`--quantize` names a format (or is unset)."""
+    if quantize is not None and quantize not in QUANTIZE_FORMATS:
+        raise UserError(f"{flag} {quantize!r} is not a format: choose int8 or int4")
+
+
 # The flags `generate` and `chat` share: SamplingParams fields, their types and their help.
 FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("max_new_tokens", int, "At most this many new tokens (fewer if the context runs out)."),

@@ -18,50 +18,86 @@ def sample(
     top_p: Optional[Union[float, torch.Tensor]] = None,
     min_p: Optional[Union[float, torch.Tensor]] = None,
     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    *,
+    k_max: Optional[int] = None,
 ) -> torch.Tensor:
     """Draw one token per row from `logits` (B, V) -> (B,).
 
     Every setting is a number for all rows or a (B,) tensor, one per row. temperature 0 means
     greedy for that row; a top_k of 0 or >= V, top_p 1 and min_p 0 disable that filter. Rows draw
     with their own `generators` (None: torch's global generator), so a seeded row gets the same
-    tokens whatever else is in the batch.
+    tokens whatever else is in the batch. Settings given as numbers (and `k_max`, the largest
+    top_k in use, with per-row top_k) are decided here without reading the device.
     """
-    B, V = logits.shape
     logits = logits.float()
-    temperature = _per_row(temperature, B, logits.device)
-    greedy = temperature == 0
+    if not isinstance(temperature, torch.Tensor):
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = probabilities(logits, temperature, top_k, top_p, min_p, k_max=k_max)
+        return draw(probs, generators)
+    greedy = temperature.to(logits.device) == 0
     if bool(greedy.all()):
         return logits.argmax(-1)
-    x = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    temperature = torch.where(greedy, 1.0, temperature.to(logits.device))
+    probs = probabilities(logits, temperature, top_k, top_p, min_p, k_max=k_max)
+    return torch.where(greedy, logits.argmax(-1), draw(probs, generators))
+
+
+def probabilities(
+    logits: torch.Tensor,
+    temperature: Union[float, torch.Tensor] = 1.0,
+    top_k: Optional[Union[int, torch.Tensor]] = None,
+    top_p: Optional[Union[float, torch.Tensor]] = None,
+    min_p: Optional[Union[float, torch.Tensor]] = None,
+    *,
+    k_max: Optional[int] = None,
+) -> torch.Tensor:
+    """The distribution (B, V) that `sample` draws from at temperature > 0: the logits scaled
+    by `temperature`, cut by top_k, top_p and min_p (as `sample` takes them), normalised."""
+    B, V = logits.shape
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature[:, None]
+    x = logits.float() / temperature
     if top_k is not None:
-        k = _per_row(top_k, B, logits.device).long()
-        active = (k > 0) & (k < V)
-        if bool(active.any()):
-            k_max = int(k[active].max())
-            kth = x.topk(k_max, dim=-1).values.gather(1, (k.clamp(1, k_max) - 1)[:, None])
-            kth = torch.where(active[:, None], kth, float("-inf"))
+        if isinstance(top_k, torch.Tensor):
+            k = top_k.to(logits.device).long()
+            active = (k > 0) & (k < V)
+            if k_max is None:
+                k_max = int(k[active].max()) if bool(active.any()) else 0
+            if k_max:
+                kth = x.topk(k_max, dim=-1).values.gather(1, (k.clamp(1, k_max) - 1)[:, None])
+                kth = torch.where(active[:, None], kth, float("-inf"))
+                x = x.masked_fill(x < kth, float("-inf"))
+        elif 0 < top_k < V:
+            kth = x.topk(top_k, dim=-1).values[:, -1:]
             x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
-    if top_p is not None:
+    if top_p is not None and (isinstance(top_p, torch.Tensor) or top_p < 1):
         p = _per_row(top_p, B, logits.device)
-        if bool((p < 1).any()):
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # Keep the smallest head whose mass reaches top_p: drop a token once the mass
-            # before it already does.
-            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p[:, None]
-            probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
-    if min_p is not None:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest head whose mass reaches top_p: drop a token once the mass
+        # before it already does.
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p[:, None]
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    if min_p is not None and (isinstance(min_p, torch.Tensor) or min_p > 0):
         m = _per_row(min_p, B, logits.device)
-        if bool((m > 0).any()):
-            floor = m[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < floor, 0.0)
+        floor = m[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    if (top_p is not None) or (min_p is not None):
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(
+    probs: torch.Tensor, generators: Optional[Sequence[Optional[torch.Generator]]] = None
+) -> torch.Tensor:
+    """One token per row of `probs` (B, V, not necessarily normalised) -> (B,)."""
     # argmax(p / E) with E ~ Exp(1) is a draw from p (the Gumbel-max trick without a log),
     # and unlike torch.multinomial it takes a generator per row.
     noise = torch.empty_like(probs)
-    for row in range(B):
+    for row in range(probs.size(0)):
         noise[row].exponential_(generator=generators[row] if generators else None)
-    choice = (probs / noise).argmax(-1)
-    return torch.where(greedy, logits.argmax(-1), choice)
+    return (probs / noise).argmax(-1)
 
 
 def _per_row(value, B: int, device) -> torch.Tensor:
@@ -128,18 +164,37 @@ class Sampler:
             p is not None and p.repetition_penalty != 1 for p in ps
         ):
             return logits.argmax(-1).tolist()
+        return self.draw(logits, slots).tolist()
+
+    def draw(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """The next tokens of `slots` (len(slots),) on the device: decided from the settings
+        this side, so nothing waits for the device until the caller reads the tokens."""
+        ps = [self.params[s] for s in slots]
+        gens = [self.generators[s] for s in slots]
+        penalised = [p is not None and p.repetition_penalty != 1 for p in ps]
+        one = ps[0]
+        if one is not None and all(p == one for p in ps):  # one setting for every row
+            if any(penalised):
+                index = torch.tensor(slots, device=self.device)
+                logits = apply_repetition_penalty(
+                    logits.float(), self.seen[index], self.penalty[index]
+                )
+            if one.greedy:
+                return logits.argmax(-1)
+            return sample(logits, one.temperature, one.top_k, one.top_p, one.min_p, gens)
         index = torch.tensor(slots, device=self.device)
-        if any(p is not None and p.repetition_penalty != 1 for p in ps):
+        if any(penalised):
             logits = apply_repetition_penalty(logits.float(), self.seen[index], self.penalty[index])
-        tokens = sample(
+        ks = [p.top_k for p in ps if p is not None and p.top_k and p.top_k < self.vocab_size]
+        return sample(
             logits,
             self.temperature[index],
-            self.top_k[index] if any(p is not None and p.top_k for p in ps) else None,
+            self.top_k[index] if ks else None,
             self.top_p[index] if any(p is not None and p.top_p < 1 for p in ps) else None,
             self.min_p[index] if any(p is not None and p.min_p > 0 for p in ps) else None,
-            [self.generators[s] for s in slots],
-        ).tolist()
-        return tokens
+            gens,
+            k_max=max(ks) if ks else None,
+        )
 
     def observe(self, slot: int, token: int) -> None:
         """Remember a slot's new token for its repetition penalty."""

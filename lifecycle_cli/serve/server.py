@@ -69,14 +69,17 @@ def build_server(
     prompt_style: Optional[str] = "auto",
     precision: Optional[str] = None,
     device: str = "auto",
+    quantize: Optional[str] = None,
     banner: str = "",
 ) -> ls.LitServer:
     """A LitServer for a checkpoint folder: the checks that need no model happen here, the model
     loads in the inference worker when the server runs."""
     from lifecycle_cli.checkpoint import check_checkpoint_dir, load_config
+    from lifecycle_cli.generate.options import check_quantize
     from lifecycle_cli.prompts import resolve_style
     from lifecycle_cli.tokenizer import Tokenizer
 
+    check_quantize(quantize)
     if max_batch_size < 1:
         raise UserError(f"--max_batch_size must be at least 1, got {max_batch_size}")
     if batch_timeout < 0:
@@ -97,7 +100,7 @@ def build_server(
     )  # fmt: skip
     api = EngineAPI(
         folder, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
-        precision=precision, device=device, banner=banner,
+        precision=precision, device=device, quantize=quantize, banner=banner,
     )  # fmt: skip
     middlewares = [(BearerAuth, {"api_key": api_key})] if api_key else []
     server = ls.LitServer(
