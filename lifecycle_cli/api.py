@@ -72,10 +72,10 @@ class LLM:
             self._compiled = compile
         return self._generator
 
-    def prompt_style(self, name: Optional[str] = "auto", default: str = "raw"):
-        """The prompt style `name` ('auto': the one saved with the checkpoint, if any; then with
-        default 'raw' none, with default 'chat' the tokenizer's chat template or plain)."""
-        return resolve_style(self.checkpoint_dir, self.tokenizer, name, default)
+    def prompt_style(self, name: Optional[str] = "auto") -> PromptStyle:
+        """The prompt style `name`; 'auto': the one saved with the checkpoint, else the
+        tokenizer's chat template, else plain (see `lifecycle_cli.prompts.resolve_style`)."""
+        return resolve_style(self.checkpoint_dir, self.tokenizer, name)
 
     def prepare_prompt(
         self, prompt: str, prompt_style: Optional[str], system: Optional[str]
@@ -84,11 +84,7 @@ class LLM:
         style's stop strings."""
         if self.tokenizer is None:
             raise UserError(f"{self.checkpoint_dir} has no tokenizer.json: cannot encode text")
-        style: Optional[PromptStyle] = self.prompt_style(prompt_style, default="raw")
-        if style is None:
-            if system:
-                raise UserError("a system prompt needs a prompt style (e.g. chat_template)")
-            return self.tokenizer.encode(prompt), ()
+        style = self.prompt_style(prompt_style)
         return style.encode(self.tokenizer, style.apply(prompt, system)), style.stop
 
     @staticmethod
@@ -110,9 +106,11 @@ class LLM:
         as one batch).
 
         temperature 0 is greedy. The output ends at the end-of-sequence token, a `stop` string
-        (not included) or `max_new_tokens`. prompt_style 'auto' applies the style saved with a
-        finetuned checkpoint (prompt_style.yaml) and otherwise uses the prompt as given; name a
-        style (e.g. 'chat_template', 'alpaca') to format it as a user message.
+        (not included) or `max_new_tokens`. prompt_style 'auto' formats the prompt as a user
+        message the way the checkpoint expects: the style saved with a finetuned checkpoint
+        (prompt_style.yaml), else its tokenizer's chat template, else the prompt as given (a
+        base model). 'plain' always uses the prompt as given; any other name (e.g.
+        'chat_template', 'alpaca') formats it in that style.
 
         Sampling (keyword arguments, any `SamplingParams` field):
             {sampling}

@@ -51,7 +51,7 @@ def chat(
 
     params = from_flags(sampling)  # bad values fail here, before the model loads
     llm = load_for_inference(checkpoint_dir, device, precision)
-    style = llm.prompt_style(prompt_style, default="chat")
+    style = llm.prompt_style(prompt_style)
     params = params.replace(stop=params.stop + style.stop)
     session = ChatSession(llm.generator(compile=compile), llm.tokenizer, style, params, system)
     print(

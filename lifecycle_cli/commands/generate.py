@@ -28,11 +28,12 @@ def generate(
         checkpoint_dir: The checkpoint folder (with its tokenizer).
         prompt: The text to continue.
         {sampling}
-        prompt_style: How the prompt is formatted. `auto`: the style saved with a finetuned
-            checkpoint (prompt_style.yaml), else the prompt exactly as given (a completion).
-            `chat_template` (the tokenizer's own template) or alpaca, chatml, llama3, llama2,
-            mistral, phi3, gemma, qwen, plain: format it as one user message of that style.
-        system: A system prompt (needs a prompt style other than the raw prompt).
+        prompt_style: How the prompt is formatted. `auto`: as one user message in the style
+            saved with a finetuned checkpoint (prompt_style.yaml), else in the tokenizer's chat
+            template (an instruct model), else exactly as given (a base model). `plain`: exactly
+            as given (a completion), whatever the checkpoint. Or one of: chat_template, alpaca,
+            chatml, llama3, llama2, mistral, phi3, gemma, qwen.
+        system: A system prompt (with `plain`: a line before the prompt).
         precision: 32-true, bf16-true or 16-true (default: bf16-true on a GPU that supports
             it, else 32-true).
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.

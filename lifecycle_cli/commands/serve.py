@@ -41,10 +41,10 @@ def serve(
             requests arriving together start together (0: start at once).
         max_new_tokens_limit: The most new tokens one request may ask for; a larger
             max_tokens is refused (400). Also the default for chat requests that set none.
-        prompt_style: How chat messages (and /predict prompts) are formatted. `auto`: the style
-            saved with the checkpoint, else the tokenizer's chat template for chat and the raw
-            prompt for /predict. Or a name: chat_template, alpaca, chatml, llama3, llama2,
-            mistral, phi3, gemma, qwen, plain. /v1/completions always uses the prompt as given.
+        prompt_style: How chat messages and /predict prompts are formatted. `auto`: the style
+            saved with the checkpoint, else the tokenizer's chat template, else plain (the text
+            as given). Or a name: chat_template, alpaca, chatml, llama3, llama2, mistral, phi3,
+            gemma, qwen, plain. /v1/completions always uses the prompt as given.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on a GPU that supports
             it, else 32-true).
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.

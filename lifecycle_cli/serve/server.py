@@ -91,8 +91,7 @@ def build_server(
     names = model_names(checkpoint_dir)
     info = ModelInfo(
         name=names[0], aliases=names, tokenizer=tokenizer, context=config.block_size,
-        chat_style=resolve_style(folder, tokenizer, prompt_style, default="chat"),
-        predict_style=resolve_style(folder, tokenizer, prompt_style, default="raw"),
+        style=resolve_style(folder, tokenizer, prompt_style),
         max_new_tokens_limit=max_new_tokens_limit,
     )  # fmt: skip
     api = EngineAPI(
