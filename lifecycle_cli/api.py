@@ -15,16 +15,19 @@ from lifecycle_cli.errors import UserError
 from lifecycle_cli.generate import Generator, SamplingParams, fast_decode_layout
 from lifecycle_cli.generate.options import sampling_flags
 from lifecycle_cli.model import GPT
-from lifecycle_cli.prompts import PromptStyle, resolve_style
+from lifecycle_cli.prompts import PromptStyle, resolve_style, style_folder
 from lifecycle_cli.tokenizer import Tokenizer
 
 
 def load_for_inference(
-    checkpoint_dir: Path | str, device: str = "auto", precision: Optional[str] = None
+    checkpoint_dir: Path | str,
+    device: str = "auto",
+    precision: Optional[str] = None,
+    adapter: Optional[Path | str] = None,
 ) -> LLM:
     """What `generate`, `chat` and `serve` load: an `LLM` with a tokenizer, on `device`
     ('auto': CUDA if there is one) in `precision` (None: bf16 on a GPU that has it, else
-    32-true)."""
+    32-true), with a LoRA run's `adapter` on top if given."""
     from lifecycle_cli.checkpoint import check_checkpoint_dir
     from lifecycle_cli.generate import resolve_device, resolve_precision
 
@@ -32,16 +35,23 @@ def load_for_inference(
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"{folder} has no tokenizer.json: generating text needs a tokenizer")
     dev = resolve_device(device)
-    return LLM.load(folder, device=dev, dtype=resolve_precision(precision, dev))
+    return LLM.load(folder, device=dev, dtype=resolve_precision(precision, dev), adapter=adapter)
 
 
 class LLM:
     """A loaded checkpoint: `llm.model` (the GPT module) and `llm.tokenizer`."""
 
-    def __init__(self, model: GPT, tokenizer: Optional[Tokenizer], checkpoint_dir: Path) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Optional[Tokenizer],
+        checkpoint_dir: Path,
+        style_dir: Optional[Path] = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint_dir = checkpoint_dir
+        self.style_dir = style_dir or checkpoint_dir  # where its prompt style is read
         self._generator: Optional[Generator] = None
         self._compiled = False
 
@@ -55,12 +65,22 @@ class LLM:
         checkpoint_dir: Path | str,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        adapter: Optional[Path | str] = None,
     ) -> LLM:
-        """Load any checkpoint folder the tool wrote (float32 on CPU unless `dtype` says)."""
+        """Load any checkpoint folder the tool wrote (float32 on CPU unless `dtype` says).
+
+        adapter: a LoRA run (its folder, final/ or lora.safetensors) whose adapters go on top
+        of this base, unmerged; its recorded prompt style is then the default."""
+        from lifecycle_cli.lora import find_adapter, load_lora
+
         checkpoint_dir = Path(checkpoint_dir)
         model = load_model(checkpoint_dir, device=device, dtype=dtype)
+        if adapter is not None:
+            load_lora(model, find_adapter(adapter)[0])
+            model.eval()
         has_tokenizer = (checkpoint_dir / "tokenizer.json").is_file()
-        return cls(model, Tokenizer(checkpoint_dir) if has_tokenizer else None, checkpoint_dir)
+        tokenizer = Tokenizer(checkpoint_dir) if has_tokenizer else None
+        return cls(model, tokenizer, checkpoint_dir, style_folder(checkpoint_dir, adapter))
 
     def generator(self, compile: bool = False) -> Generator:
         """The `Generator` behind `generate`/`stream` (kept, with its KV cache, between calls).
@@ -75,7 +95,7 @@ class LLM:
     def prompt_style(self, name: Optional[str] = "auto") -> PromptStyle:
         """The prompt style `name`; 'auto': the one saved with the checkpoint, else the
         tokenizer's chat template, else plain (see `lifecycle_cli.prompts.resolve_style`)."""
-        return resolve_style(self.checkpoint_dir, self.tokenizer, name)
+        return resolve_style(self.style_dir, self.tokenizer, name)
 
     def prepare_prompt(
         self, prompt: str, prompt_style: Optional[str], system: Optional[str]

@@ -67,6 +67,10 @@ VERBS: dict[str, Verb] = {
                 "Export a checkpoint as a Hugging Face folder that transformers loads.",
                 target="lifecycle_cli.commands.convert:to_hf",
             ),
+            "to_peft": Verb(
+                "Export a LoRA run's adapters in PEFT's format, for the to_hf export of its base.",
+                target="lifecycle_cli.commands.convert:to_peft",
+            ),
         },
     ),
 }

@@ -330,6 +330,18 @@ def resolve_style(
     return get_style("plain", tokenizer)
 
 
+def style_folder(checkpoint_dir: Path | str, adapter: Optional[Path | str] = None) -> Path:
+    """Where the prompt style of a model is read: the adapter's run when it recorded one (it
+    was trained in that style), else the checkpoint."""
+    from lifecycle_cli.lora import find_adapter
+
+    if adapter is not None:
+        _, final = find_adapter(adapter)
+        if final is not None and (final / PROMPT_STYLE_FILE).is_file():
+            return final
+    return Path(checkpoint_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # Jinja
 

@@ -24,6 +24,7 @@ def chat(
     precision: Optional[str] = None,
     device: str = "auto",
     compile: bool = False,
+    adapter: Optional[Path] = None,
     **sampling: Any,
 ) -> None:
     """Chat with a model in the terminal. The whole conversation is the prompt of each reply
@@ -46,11 +47,14 @@ def chat(
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.
         compile: Compile the decoding step with torch.compile (some seconds before the first
             reply, faster after).
+        adapter: A LoRA run (`finetune`/`align --method lora` out_dir, its final/ or its
+            lora.safetensors) to put on top of checkpoint_dir, its base, without merging; its
+            recorded prompt style becomes the default.
     """
     from lifecycle_cli.api import load_for_inference
 
     params = from_flags(sampling)  # bad values fail here, before the model loads
-    llm = load_for_inference(checkpoint_dir, device, precision)
+    llm = load_for_inference(checkpoint_dir, device, precision, adapter)
     style = llm.prompt_style(prompt_style)
     params = params.replace(stop=params.stop + style.stop)
     session = ChatSession(llm.generator(compile=compile), llm.tokenizer, style, params, system)

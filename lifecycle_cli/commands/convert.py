@@ -21,3 +21,19 @@ def to_hf(checkpoint_dir: Path, out_dir: Path) -> None:
 
     export_hf(checkpoint_dir, out_dir)
     print(f"Exported {checkpoint_dir} to {out_dir}")
+
+
+def to_peft(checkpoint_dir: Path, out_dir: Path) -> None:
+    """Export a LoRA run's adapters in PEFT's format (adapter_config.json +
+    adapter_model.safetensors): `peft.PeftModel.from_pretrained(base, out_dir)` puts them on
+    the `convert to_hf` export of the base and computes what the run's merged final/ computes.
+
+    Args:
+        checkpoint_dir: The LoRA run (`finetune`/`align --method lora` out_dir), its final/ or
+            its lora.safetensors.
+        out_dir: Where to write the PEFT adapter folder (replaced if it exists).
+    """
+    from lifecycle_cli.zoo.peft import export_peft
+
+    export_peft(checkpoint_dir, out_dir)
+    print(f"Exported the LoRA adapters of {checkpoint_dir} to {out_dir} (PEFT format)")

@@ -18,6 +18,7 @@ def generate(
     precision: Optional[str] = None,
     device: str = "auto",
     compile: bool = False,
+    adapter: Optional[Path] = None,
     **sampling: Any,
 ) -> None:
     """Generate a completion of a prompt and print it as it is generated.
@@ -39,12 +40,15 @@ def generate(
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.
         compile: Compile the decoding step with torch.compile: faster per token, after some
             seconds of compiling. Pays off for long outputs.
+        adapter: A LoRA run (`finetune`/`align --method lora` out_dir, its final/ or its
+            lora.safetensors) to put on top of checkpoint_dir, its base, without merging; its
+            recorded prompt style becomes the default.
     """
     from lifecycle_cli.api import load_for_inference
     from lifecycle_cli.generate import format_stats
 
     params = from_flags(sampling)  # bad values fail here, before the model loads
-    llm = load_for_inference(checkpoint_dir, device, precision)
+    llm = load_for_inference(checkpoint_dir, device, precision, adapter)
     ids, style_stops = llm.prepare_prompt(prompt, prompt_style, system)
     params = params.replace(stop=params.stop + style_stops)
     stream = llm.generator(compile=compile).stream(ids, params)

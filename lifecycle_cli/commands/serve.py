@@ -20,6 +20,7 @@ def serve(
     prompt_style: str = "auto",
     precision: Optional[str] = None,
     device: str = "auto",
+    adapter: Optional[Path] = None,
 ) -> None:
     """Serve a model over HTTP until Ctrl+C or SIGTERM.
 
@@ -48,6 +49,9 @@ def serve(
         precision: 32-true, bf16-true or 16-true (default: bf16-true on a GPU that supports
             it, else 32-true).
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.
+        adapter: A LoRA run (`finetune`/`align --method lora` out_dir, its final/ or its
+            lora.safetensors) to put on top of checkpoint_dir, its base, without merging; its
+            recorded prompt style becomes the default.
     """
     from lifecycle_cli.errors import UserError
     from lifecycle_cli.serve import run_server
@@ -59,5 +63,5 @@ def serve(
     run_server(
         checkpoint_dir, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
         batch_timeout=batch_timeout, max_new_tokens_limit=max_new_tokens_limit,
-        prompt_style=prompt_style, precision=precision, device=device,
+        prompt_style=prompt_style, precision=precision, device=device, adapter=adapter,
     )  # fmt: skip

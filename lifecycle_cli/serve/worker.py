@@ -58,6 +58,7 @@ class EngineAPI(ls.LitAPI):
         batch_timeout: float,
         precision: Optional[str],
         device: str,
+        adapter: Optional[Path] = None,
         banner: str = "",
     ) -> None:
         super().__init__(
@@ -66,6 +67,7 @@ class EngineAPI(ls.LitAPI):
         )  # fmt: skip
         self.checkpoint_dir = Path(checkpoint_dir)
         self.precision, self.device_name, self.banner = precision, device, banner
+        self.adapter = adapter
         # Set in the parent: a setup failure comes back as one readable line.
         self.setup_errors = mp.get_context("spawn").SimpleQueue()
         self.engine: Any = None  # the Engine, once set up
@@ -76,7 +78,7 @@ class EngineAPI(ls.LitAPI):
 
         wanted = self.device_name if self.device_name != "auto" else device
         try:
-            llm = load_for_inference(self.checkpoint_dir, wanted, self.precision)
+            llm = load_for_inference(self.checkpoint_dir, wanted, self.precision, self.adapter)
         except UserError as e:
             self.setup_errors.put(str(e))
             raise
@@ -86,8 +88,9 @@ class EngineAPI(ls.LitAPI):
         self.engine = Engine(llm.model, llm.tokenizer, self.max_batch_size)
         n = sum(p.numel() for p in llm.model.parameters())
         dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
+        lora = f" with the adapters of {self.adapter}" if self.adapter else ""
         print(
-            f"llmcycle serve: {self.checkpoint_dir} loaded ({n / 1e6:.1f}M parameters, "
+            f"llmcycle serve: {self.checkpoint_dir} loaded{lora} ({n / 1e6:.1f}M parameters, "
             f"{self.engine.device}, {dtype}, up to {self.max_batch_size} requests per batch)"
             f"{self.banner}",
             file=sys.stderr,
