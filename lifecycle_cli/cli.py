@@ -71,6 +71,10 @@ VERBS: dict[str, Verb] = {
                 "Export a LoRA run's adapters in PEFT's format, for the to_hf export of its base.",
                 target="lifecycle_cli.commands.convert:to_peft",
             ),
+            "from_gguf": Verb(
+                "Import a GGUF file (llama.cpp, Ollama) as a checkpoint folder.",
+                target="lifecycle_cli.commands.convert:from_gguf",
+            ),
         },
     ),
 }
