@@ -57,6 +57,8 @@ CHAT = ["Name a fruit that is yellow.", "What colour is it when it is not ripe?"
 # Held-out text: docstrings of standard-library modules nothing else in this project reads.
 HELD_OUT_MODULES = ("fractions", "statistics", "heapq", "bisect", "textwrap", "calendar")
 TOLERANCE = 1e-4
+# The synthetic task finetuned on: a word spaced out, answered in capitals.
+TASK_PROMPT, TASK_ANSWER = ("upper: h e l l o", "upper: w o r l d"), ("H E L L O", "W O R L D")
 
 
 def cache_dir() -> Path:
@@ -269,11 +271,12 @@ def step_finetune(c: Check, ckpt: Path, work: Path, steps: int) -> Path:
     if exact:
         c.row("finetune exact match (upper, 20 held out) before -> after",
               f"{exact[0]:.2f} -> {exact[-1]:.2f}")  # fmt: skip
-    prompt = "upper: h e l l o"
+    prompt = TASK_PROMPT[0]
     args = ["--prompt", prompt, "--temperature", "0", "--max_new_tokens", "16"]
     merged, _, _ = c.llmcycle("generate", run / "final", *args)
     unmerged, err, _ = c.llmcycle("generate", ckpt, *args, "--adapter", run)
     c.expect(merged == unmerged, "generate --adapter answers as the merged final/")
+    c.expect(merged.strip() == TASK_ANSWER[0], f"the finetuned model answers {TASK_ANSWER[0]!r}")
     c.row(f"generate --adapter: {prompt}", f"{unmerged.strip()} (= final/: {merged == unmerged})")
     c.row("generate --adapter tokens/s", f"{rate(err):.1f}")
 
@@ -299,16 +302,17 @@ def csv_rows(path: Path):
         yield from csv.DictReader(f)
 
 
-def step_serve(c: Check, folder: Path, work: Path) -> None:
+def step_serve(c: Check, ckpt: Path, run: Path, work: Path) -> None:
     import openai
 
-    print("\n== 5. serve, one OpenAI chat completion", flush=True)
+    print("\n== 5. serve (the base, the run's adapters on top), one OpenAI chat completion")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(work / "serve.log", "w")
-    cmd = [sys.executable, "-m", "lifecycle_cli", "serve", str(folder), "--port", str(port)]
-    print(f"$ llmcycle serve {folder} --port {port}", flush=True)
+    args = ["serve", str(ckpt), "--adapter", str(run), "--port", str(port)]
+    cmd = [sys.executable, "-m", "lifecycle_cli", *args]
+    print(f"$ llmcycle {' '.join(args)}", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
@@ -325,13 +329,13 @@ def step_serve(c: Check, folder: Path, work: Path) -> None:
         c.row("serve start-up s", f"{time.perf_counter() - start:.1f}")
         asked = time.perf_counter()
         reply = client.chat.completions.create(
-            model=folder.name, temperature=0, max_tokens=48,
-            messages=[{"role": "user", "content": INSTRUCTIONS[0]}],
+            model=ckpt.name, temperature=0, max_tokens=16,
+            messages=[{"role": "user", "content": TASK_PROMPT[1]}],
         )  # fmt: skip
         text = reply.choices[0].message.content or ""
-        c.expect(bool(text.strip()), "serve answers a chat completion")
-        print(f"  > {INSTRUCTIONS[0]}\n  {text}", flush=True)
-        c.row(f"serve (openai client): {INSTRUCTIONS[0]}", text.replace("\n", " ")[:100])
+        c.expect(text.strip() == TASK_ANSWER[1], f"serve answers {TASK_ANSWER[1]!r} (got {text!r})")
+        print(f"  > {TASK_PROMPT[1]}\n  {text}", flush=True)
+        c.row(f"serve --adapter (openai client): {TASK_PROMPT[1]}", text)
         c.row("serve chat completion s", f"{time.perf_counter() - asked:.2f}")
     finally:
         os.killpg(proc.pid, signal.SIGINT)
@@ -399,7 +403,7 @@ def main() -> None:
         step_generate_chat(c, ckpt)
         step_perplexity(c, ckpt, work)
         run = step_finetune(c, ckpt, work, args.steps)
-        step_serve(c, run / "final", work)
+        step_serve(c, ckpt, run, work)
         step_round_trips(c, ckpt, work)
         c.row("real-check wall s (all steps)", f"{time.perf_counter() - started:.0f}")
     print("\n" + c.table())
