@@ -1,5 +1,7 @@
 """GGUF both ways: a file written the way llama.cpp's converter writes one imports with the
-original's logits and tokenization (and those of transformers' own GGUF loader)."""
+original's logits and tokenization (and those of transformers' own GGUF loader); `to_gguf`
+writes every exported family as llama.cpp's converter would (read back with gguf's reader),
+and imports back with equal logits; the chat template and Ollama Modelfile of a prompt style."""
 
 from __future__ import annotations
 
@@ -12,35 +14,27 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 from hf_models import make_hf_model
 
+from benchmarks.gguf_check import CHAT_TEMPLATE, TINY_FAMILIES, tiny_checkpoint, tiny_tokenizer
 from lifecycle_cli import cli
-from lifecycle_cli.checkpoint import load_model
-from lifecycle_cli.commands.convert import from_gguf
-from lifecycle_cli.tokenizer import Tokenizer, train_bpe
+from lifecycle_cli.checkpoint import load_config, load_model
+from lifecycle_cli.commands.convert import from_gguf, to_gguf, to_hf
+from lifecycle_cli.prompts import ChatTemplate, get_style, save_prompt_style
+from lifecycle_cli.tokenizer import Tokenizer
+from lifecycle_cli.zoo.templates import GO, JINJA, SAMPLES
 
 VOCAB = 300
 TEXTS = [
     "Hello, world!", "def f(x):\n    return x * 2  # 1234", "  naïve café — 🙂", "a<|im_end|>b",
 ]  # fmt: skip
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 Q = gguf.GGMLQuantizationType
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-
-    out = tmp_path_factory.mktemp("tokenizer")
-    special = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-    train_bpe(None, VOCAB, out, texts=list(topics.values())[:50], special_tokens=special)
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    config.update(eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return out
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +161,162 @@ def test_an_unsupported_gguf_is_one_line_exit_2_and_writes_nothing(tmp_path, cap
     assert not (tmp_path / "out").exists()
     download_args = ["--from_gguf", str(tmp_path / "bert.gguf"), "--checkpoint_dir", str(tmp_path)]
     assert cli.main(["download", *download_args]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """family -> (checkpoint folder, its weights exported to a Hugging Face folder)."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny_tokenizer(root / "tokenizer")
+    out = {}
+    for family in TINY_FAMILIES:
+        ckpt = tiny_checkpoint(family, root / family, tokenizer)
+        to_hf(ckpt, root / f"{family}-hf")
+        out[family] = (ckpt, root / f"{family}-hf")
+    return out
+
+
+ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+        "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}  # fmt: skip
+
+
+def expected_gguf_tensors(family: str, hf_dir: Path) -> dict[str, np.ndarray]:
+    """What llama.cpp's converter makes of the Hugging Face weights: gguf's names, Llama's q/k
+    rows permuted, Gemma's norms + 1, Llama 3's rope factors."""
+    from safetensors.numpy import load_file
+
+    hf = json.loads((hf_dir / "config.json").read_text())
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == ARCH[family])
+    names = gguf.get_tensor_name_map(arch, hf["num_hidden_layers"])
+    out = {}
+    for name, t in load_file(hf_dir / "model.safetensors").items():
+        t = t.astype(np.float32)
+        if ARCH[family] == "llama" and ("q_proj" in name or "k_proj" in name):
+            heads = hf["num_attention_heads"] if "q_proj" in name else hf["num_key_value_heads"]
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(t.shape)
+        if family.startswith("gemma") and name.endswith("norm.weight"):
+            t = t + 1
+        out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = t
+    if family == "llama":
+        out["rope_freqs.weight"] = None  # checked through the round trip's logits
+    return out
+
+
+def metadata(reader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_to_gguf_writes_what_llama_cpp_reads_and_imports_back_equal(family, tiny, tmp_path):
+    ckpt, hf_dir = tiny[family]
+    expected = expected_gguf_tensors(family, hf_dir)
+    config = load_config(ckpt)
+    # Quantization error bounds: half a step of 1/127 (q8_0), up to 1/8 (q4_0: no +8 code).
+    for dtype, qtype, bound in (("f32", Q.F32, 0.0), ("q8_0", Q.Q8_0, 1 / 200),
+                                ("q4_0", Q.Q4_0, 1 / 7)):  # fmt: skip
+        path = tmp_path / f"{family}-{dtype}.gguf"
+        to_gguf(ckpt, path, dtype=dtype)
+        reader = gguf.GGUFReader(path)
+        assert sorted(t.name for t in reader.tensors) == sorted(expected)
+        for t in reader.tensors:
+            want = expected[t.name]
+            if want is None:
+                continue
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+            assert t.tensor_type == (qtype if want.ndim == 2 else Q.F32), t.name
+            assert np.abs(got - want).max() <= bound * np.abs(want).max(), (dtype, t.name)
+        meta, arch = metadata(reader), ARCH[family]
+        assert meta["general.architecture"] == arch
+        assert meta[f"{arch}.block_count"] == config.n_layer
+        assert meta[f"{arch}.embedding_length"] == config.n_embd
+        assert meta[f"{arch}.feed_forward_length"] == config.intermediate_size
+        assert meta[f"{arch}.attention.head_count"] == config.n_head
+        assert meta[f"{arch}.attention.head_count_kv"] == config.n_query_groups
+        assert meta[f"{arch}.attention.key_length"] == config.head_size
+        assert meta[f"{arch}.rope.freq_base"] == pytest.approx(config.rope_base)
+        assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(config.norm_eps)
+        assert meta[f"{arch}.context_length"] == config.block_size
+        if config.sliding_window:
+            assert meta[f"{arch}.attention.sliding_window"] == config.sliding_window
+            assert meta[f"{arch}.attention.sliding_window_pattern"] == (
+                config.sliding_window_pattern
+            )
+        for key in ("attention_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, key) is not None:
+                gguf_key = key.replace("attention_logit", "attn_logit")
+                assert meta[f"{arch}.{gguf_key}"] == pytest.approx(getattr(config, key))
+        tokenizer = Tokenizer(ckpt)
+        assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+        assert meta["tokenizer.ggml.tokens"] == [tokenizer.id_to_token(i) for i in range(VOCAB)]
+        assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_id
+        assert meta["tokenizer.ggml.token_type"][tokenizer.eos_id] == 3  # control
+        assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+
+    from_gguf(tmp_path / f"{family}-f32.gguf", tmp_path / "back")
+    imported_as = "llama" if family == "mistral" else config.hf_model_type  # as llama.cpp runs it
+    assert load_config(tmp_path / "back").hf_model_type == imported_as
+    idx = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        logits(load_model(tmp_path / "back"), idx), logits(load_model(ckpt), idx), atol=1e-5,
+        rtol=0,
+    )  # fmt: skip
+    for text in TEXTS:
+        assert Tokenizer(tmp_path / "back").encode(text) == Tokenizer(ckpt).encode(text)
+
+
+def test_families_llama_cpp_cannot_run_are_refused_before_writing(tiny, tmp_path, capsys):
+    gpt2 = tiny_checkpoint("llama", tmp_path / "gpt2", tiny["llama"][0])
+    config = load_config(gpt2).to_dict()
+    config.update(hf_model_type="gpt2", norm="layernorm", mlp="gelu", bias=True)
+    (gpt2 / "model_config.yaml").write_text(yaml.safe_dump(config))
+    gemma2 = tmp_path / "gemma2"
+    shutil.copytree(tiny["gemma2"][0], gemma2)
+    config = load_config(gemma2).to_dict()
+    config.update(attention_scale=12**-0.5)
+    (gemma2 / "model_config.yaml").write_text(yaml.safe_dump(config))
+    for ckpt, message in ((gpt2, "the gpt2 family cannot be written as GGUF"),
+                          (gemma2, "cannot run attention_scale other than")):  # fmt: skip
+        code = cli.main(["convert", "to_gguf", str(ckpt), "--out_file", str(tmp_path / "x.gguf")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert list(tmp_path.glob("*x.gguf*")) == []
+
+
+@pytest.mark.parametrize("style", list(JINJA))
+def test_the_chat_template_written_for_a_prompt_style_renders_as_the_style(style, tiny):
+    tokenizer = Tokenizer(tiny["llama"][0])
+    builtin, written = get_style(style, tokenizer), ChatTemplate(JINJA[style], tokenizer)
+    conversations = [
+        *SAMPLES,
+        [{"role": "system", "content": " Sys "}, {"role": "user", "content": " a "},
+         {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": "x"}],
+    ]  # fmt: skip
+    for messages in conversations:
+        for gen in (True, False):
+            assert written.render(messages, gen) == builtin.render(messages, gen), messages
+
+
+def test_ollama_modelfile_carries_the_prompt_style_stops_and_sampling(tiny, tmp_path):
+    ckpt = tmp_path / "chatml"
+    shutil.copytree(tiny["qwen2"][0], ckpt)
+    save_prompt_style("chatml", ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9}))
+    code = cli.main(["convert", "to_gguf", str(ckpt), "--out_file", str(tmp_path / "o" /
+                     "model.gguf"), "--dtype", "q8_0", "--ollama", "true"])  # fmt: skip
+    assert code == 0
+    text = (tmp_path / "o" / "Modelfile").read_text()
+    lines = text.splitlines()
+    assert "FROM ./model.gguf" in lines
+    assert 'PARAMETER stop "<|im_end|>"' in lines
+    assert "PARAMETER temperature 0.6" in lines and "PARAMETER top_p 0.9" in lines
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert template == GO["chatml"]
+    assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in template
+    # The GGUF's own chat template is that style's, as llama.cpp will render it.
+    meta = metadata(gguf.GGUFReader(tmp_path / "o" / "model.gguf"))
+    assert meta["tokenizer.chat_template"] == JINJA["chatml"]

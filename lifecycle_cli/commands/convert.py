@@ -40,6 +40,36 @@ def to_peft(checkpoint_dir: Path, out_dir: Path) -> None:
     print(f"Exported the LoRA adapters of {checkpoint_dir} to {out_dir} (PEFT format)")
 
 
+def to_gguf(
+    checkpoint_dir: Path,
+    out_file: Path,
+    dtype: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16",
+    ollama: bool = False,
+) -> None:
+    """Export a checkpoint folder as one GGUF file that llama.cpp, Ollama and LM Studio run:
+    llama.cpp's tensor names and layout, the architecture's metadata, the tokenizer and the
+    chat template (the checkpoint's prompt style) inside. Families: llama, mistral, qwen2,
+    qwen3, gemma, gemma2, gemma3; anything llama.cpp would run differently is refused first.
+
+    Args:
+        checkpoint_dir: The checkpoint folder (a LoRA run's merged `final/`).
+        out_file: The .gguf file to write (replaced if it exists).
+        dtype: Type of the 2-D weights: f32, f16, bf16, or quantized q8_0 / q4_0 (gguf.quants);
+            norms and biases stay f32.
+        ollama: Also write a `Modelfile` beside it for `ollama create NAME -f Modelfile`.
+    """
+    from lifecycle_cli.zoo.gguf import export_gguf
+
+    path, config = export_gguf(checkpoint_dir, out_file, dtype=dtype)
+    print(f"Exported {checkpoint_dir} ({config.hf_model_type}, {dtype}) to {path}")
+    if ollama:
+        from lifecycle_cli.zoo.templates import modelfile
+
+        target = path.parent / "Modelfile"
+        target.write_text(modelfile(Path(checkpoint_dir), path), encoding="utf-8")
+        print(f"Wrote {target}: ollama create NAME -f {target}")
+
+
 def from_gguf(
     gguf_file: Path,
     out_dir: Path,

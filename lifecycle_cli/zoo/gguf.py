@@ -15,7 +15,9 @@ special ids, the pre-tokenizer's name, the chat template) and is rebuilt as a to
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -401,3 +403,293 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Path, context: int) -> dict[
         "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
         "generation_config.json": json.dumps(generation, indent=2) + "\n",
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+# --dtype -> (type of 2-D weights, general.file_type); 1-D tensors (norms, biases) stay F32.
+EXPORT_DTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
+                 "q4_0": ("Q4_0", 2)}  # fmt: skip
+
+
+def check_exportable(config: Config, arch: Arch, source: Path) -> None:
+    """Refuse, naming it, what llama.cpp's `arch` would not compute as our model does."""
+    gemma2, gemma3 = arch.name == "gemma2", arch.name == "gemma3"
+    refused = [
+        (config.mlp == "moe", "mixture-of-experts layers"),
+        (config.norm != "rmsnorm", f"norm {config.norm!r}"),
+        (config.position_embedding != "rope", "learned position embeddings"),
+        (config.rotary_percentage != 1.0, "partial rotary embeddings"),
+        (bool(config.nope_layers), "layers without RoPE (nope_layers)"),
+        (config.bias, "biases on the attention output and MLP (bias: true)"),
+        (config.attn_bias and arch.name not in ("llama", "qwen2"), "q/k/v biases"),
+        (config.lm_head_bias, "a bias on the output head"),
+        (config.qk_norm and arch.name not in ("qwen3", "gemma3"), "QK-norm"),
+        (config.qk_norm and config.qk_norm_scope != "head", "QK-norm over whole projections"),
+        (config.attention_sinks, "attention sinks"),
+        (config.attention_logit_softcapping is not None and not gemma2, "attention soft-capping"),
+        (config.final_logit_softcapping is not None and not (gemma2 or gemma3),
+         "final logit soft-capping"),
+        (config.post_attention_norm != (gemma2 or gemma3), "norms after attention and MLP"),
+        (config.parallel_residual or not config.pre_norm, "this residual layout"),
+        (config.rope_local_base is not None and not gemma3, "a RoPE base for local layers"),
+        ((config.rope_scaling or {}).get("type") == "llama3" and arch.name != "llama",
+         "Llama 3 RoPE scaling"),
+        (gemma2 and config.sliding_window_pattern != 2, "this sliding-window pattern"),
+        (config.norm_unit_offset != bool(arch.norm_offset), "this RMSNorm offset"),
+        (config.mlp != ("geglu" if arch.norm_offset else "swiglu"), f"mlp {config.mlp!r}"),
+    ]  # fmt: skip
+    if gemma2 or gemma3:  # llama.cpp fixes the query scale from the model's shape
+        big = config.n_layer == (46 if gemma2 else 62)
+        scale = (config.n_embd // config.n_head if big else config.head_size) ** -0.5
+        refused.append(
+            (abs((config.attention_scale or config.head_size**-0.5) - scale) > 1e-6,
+             f"attention_scale other than llama.cpp's {scale:.6g}")
+        )  # fmt: skip
+    for bad, what in refused:
+        if bad:
+            raise UserError(
+                f"{source}: llama.cpp's {arch.name} cannot run {what} "
+                f"({config.hf_model_type} checkpoint); nothing written"
+            )
+
+
+def detect_pre_tokenizer(tokenizer_json: dict[str, Any], source: Path) -> str:
+    """llama.cpp's name for a tokenizer.json's pre-tokenizer, read from its structure."""
+
+    def byte_level(p: dict, regex: bool) -> bool:
+        return p.get("type") == "ByteLevel" and p.get("use_regex", True) == regex
+
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if len(parts) == 1 and byte_level(parts[0], True):
+        return "gpt-2"
+    if len(parts) == 2 and parts[0].get("type") == "Digits" and byte_level(parts[1], True):
+        if parts[0].get("individual_digits"):
+            return "smollm"
+    if len(parts) == 2 and parts[0].get("type") == "Split" and byte_level(parts[1], False):
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        for name in ("llama-bpe", "qwen2"):
+            if regex == SPLIT_PRE[name]:
+                return name
+    raise UserError(
+        f"{source}: tokenizer.json's pre-tokenizer is not one llama.cpp names (supported: "
+        "GPT-2's byte-level BPE, SmolLM's, Llama 3's, Qwen 2's)"
+    )
+
+
+@dataclass
+class GGUFVocab:
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    special: dict[str, int]  # bos, eos, unk, pad -> id
+    add_bos: bool
+    chat_template: Optional[str]
+
+
+def vocab_for_gguf(checkpoint_dir: Path, config: Config) -> GGUFVocab:
+    """The tokenizer of a checkpoint as llama.cpp stores it (read before anything is written)."""
+    from lifecycle_cli.prompts import CHAT_TEMPLATE, read_style_file
+    from lifecycle_cli.tokenizer import Tokenizer
+    from lifecycle_cli.zoo.templates import jinja_template
+
+    path = checkpoint_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{checkpoint_dir} has no tokenizer.json; a GGUF must carry its tokenizer")
+    tokenizer = Tokenizer(checkpoint_dir)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise UserError(
+            f"{path}: only byte-level BPE tokenizers can be written to GGUF yet "
+            f"(this one: {model.get('type')}, byte_fallback {bool(model.get('byte_fallback'))})"
+        )
+    normalizer = (data.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):
+        raise UserError(f"{path}: normalizer {normalizer!r} cannot be written to GGUF")
+    pre = detect_pre_tokenizer(data, path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"{path}: {tokenizer.vocab_size} tokens but the model has {config.vocab_size} rows"
+        )
+    added = {t["id"]: t for t in data.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(config.vocab_size):
+        token = tokenizer.id_to_token(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        else:
+            tokens.append(token)
+            types.append(
+                (CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL
+            )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    unk = tokenizer.token_to_id(model.get("unk_token") or "")
+    ids = dict(bos=tokenizer.bos_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id, unk=unk)
+    special = {k: i for k, i in ids.items() if i is not None}
+    probe = tokenizer.encode("a")
+    add_bos = bool(probe) and probe[0] == tokenizer.bos_id and tokenizer.bos_id is not None
+    style = read_style_file(checkpoint_dir)
+    template = tokenizer.chat_template
+    if style is not None and style != CHAT_TEMPLATE:
+        template = jinja_template(style)
+    return GGUFVocab(tokens, types, merges, pre, special, add_bos, template)
+
+
+def meta_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """What `read_safetensors` yields, in the same order, as tensors on the meta device."""
+    import torch
+
+    from lifecycle_cli.zoo.convert import SAFETENSORS_DTYPES, safetensors_header
+
+    for path in files:
+        with open(path, "rb") as f:
+            header, _ = safetensors_header(path, f)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = getattr(torch, SAFETENSORS_DTYPES.get(info["dtype"], "float32"))
+            yield name, torch.empty(info["shape"], dtype=dtype, device="meta")
+
+
+def export_gguf(
+    checkpoint_dir: Path | str, out_file: Path | str, dtype: str = "f16"
+) -> tuple[Path, Config]:
+    """Write a checkpoint folder as one GGUF file llama.cpp and Ollama run, tensor by tensor
+    (one tensor in memory at a time); 2-D weights in `dtype`, quantized by `gguf.quants`."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from lifecycle_cli.checkpoint import load_config, weight_files
+    from lifecycle_cli.rope import llama3_inv_freq
+    from lifecycle_cli.zoo import family_for
+    from lifecycle_cli.zoo.convert import progress_bar, read_safetensors, remap
+
+    checkpoint_dir, out_file = Path(checkpoint_dir), Path(out_file)
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    config = load_config(checkpoint_dir)
+    arch = arch_for(config, checkpoint_dir)
+    check_exportable(config, arch, checkpoint_dir)
+    vocab = vocab_for_gguf(checkpoint_dir, config)
+    table = name_table(arch, config)
+    rules = family_for(config.hf_model_type).weight_rules(config)
+    files = weight_files(checkpoint_dir)
+    weight_type = getattr(gguf.GGMLQuantizationType, EXPORT_DTYPES[dtype][0])
+    scaling = config.rope_scaling or {}
+
+    def gguf_tensors(tensors) -> Iterator[tuple[str, torch.Tensor]]:
+        for hf_name, t in remap(tensors, rules, config, to_ours=False):
+            yield table[hf_name], to_llama_cpp(hf_name, t.float(), arch, config, to_gguf=True)
+        if scaling.get("type") == "llama3":  # llama.cpp reads the per-frequency factors
+            n = config.rope_n_elem
+            inv = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.float32) / n))
+            yield "rope_freqs.weight", inv / llama3_inv_freq(inv, scaling)
+
+    def qtype_of(shape: tuple[int, ...]):
+        q = gguf.GGMLQuantizationType
+        if len(shape) == 1 or weight_type == q.F32:
+            return q.F32
+        block = gguf.GGML_QUANT_SIZES[weight_type][0]
+        return weight_type if shape[-1] % block == 0 else q.F16  # llama.cpp's fallback
+
+    def encode(t: torch.Tensor, qtype) -> np.ndarray:
+        data = t.detach().contiguous().numpy()
+        if qtype == gguf.GGMLQuantizationType.F32:
+            return data
+        if qtype == gguf.GGMLQuantizationType.F16:
+            return data.astype(np.float16)
+        return gguf.quants.quantize(data, qtype)
+
+    infos = [(name, tuple(t.shape), qtype_of(tuple(t.shape))) for name, t in
+             gguf_tensors(meta_tensors(files))]  # fmt: skip
+    context = config.block_size
+    if config.sliding_window and arch.name not in ("gemma2", "gemma3"):
+        # llama.cpp attends to the whole context here: within the window that is the same.
+        context = min(context, config.sliding_window)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.parent / f".{out_file.name}.partial-{os.getpid()}"
+    writer = gguf.GGUFWriter(tmp, arch.name)
+    try:
+        write_metadata(
+            writer, config, arch, vocab, context, EXPORT_DTYPES[dtype][1], checkpoint_dir
+        )
+        for name, shape, qtype in infos:
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                np_dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+                nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+                writer.add_tensor_info(name, shape, np.dtype(np_dtype), nbytes)
+            else:
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+                writer.add_tensor_info(
+                    name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=qtype
+                )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with progress_bar(files, f"Writing {out_file.name}") as bar:
+            for (_, t), (_, _, qtype) in zip(gguf_tensors(read_safetensors(files)), infos):
+                writer.write_tensor_data(encode(t, qtype))
+                bar.update(t.numel() * 4)
+        writer.close()
+        os.replace(tmp, out_file)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_file, config
+
+
+def write_metadata(w, config: Config, arch: Arch, vocab: GGUFVocab, context: int, file_type: int,
+                   source: Path) -> None:  # fmt: skip
+    import gguf
+
+    w.add_name(config.name or source.name)
+    w.add_context_length(context)
+    w.add_embedding_length(config.n_embd)
+    w.add_block_count(config.n_layer)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.n_head)
+    w.add_head_count_kv(config.n_query_groups)
+    w.add_key_length(config.head_size)
+    w.add_value_length(config.head_size)
+    w.add_rope_dimension_count(config.rope_n_elem)
+    w.add_rope_freq_base(config.rope_base)
+    w.add_layer_norm_rms_eps(config.norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    w.add_file_type(file_type)
+    scaling = config.rope_scaling or {}
+    if scaling.get("type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
+    elif scaling.get("type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_seq_len"])
+        w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
+        if scaling.get("attention_factor") is not None:
+            w.add_rope_scaling_yarn_attn_factor(scaling["attention_factor"])
+    if config.attention_logit_softcapping is not None:
+        w.add_attn_logit_softcapping(config.attention_logit_softcapping)
+    if config.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
+    if arch.name in ("gemma2", "gemma3") and config.sliding_window:
+        w.add_sliding_window(config.sliding_window)
+        w.add_sliding_window_pattern(config.sliding_window_pattern)
+        w.add_rope_freq_base_swa(config.rope_local_base or config.rope_base)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    for key, token_id in vocab.special.items():
+        getattr(w, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "pad": "add_pad_token_id",
+                    "unk": "add_unk_token_id"}[key])(token_id)  # fmt: skip
+    w.add_add_bos_token(vocab.add_bos)
+    w.add_add_eos_token(False)
+    if vocab.chat_template:
+        w.add_chat_template(vocab.chat_template)
