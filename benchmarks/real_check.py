@@ -18,8 +18,8 @@ process as a user runs it:
    --adapter` (the base with the run's adapters unmerged: the answer of the merged final/),
    `convert to_peft` (peft on the `to_hf` export: the merged model's logits);
 5. `serve` and one OpenAI chat completion through the `openai` client on 127.0.0.1;
-6. `convert to_hf` and back (`download --from_dir`): logits equal; `convert to_gguf` and back
-   when this build has it.
+6. `convert to_hf` and back (`download --from_dir`): logits equal; `convert to_gguf` (f32) and
+   back, and the file in transformers' GGUF loader: logits equal.
 
 Prints every answer and a table of figures (wall times include each process's start-up and
 model load). Not part of `make test` or `python -m benchmarks`: minutes on a 2-core CPU.
@@ -376,6 +376,12 @@ def step_round_trips(c: Check, ckpt: Path, work: Path) -> None:
     diff = max_diff([lg for _, lg in ours], [lg for _, lg in again])
     c.expect(diff <= TOLERANCE, f"to_gguf f32 then from_gguf: the same logits (got {diff:.2e})")
     c.row("max |logit after to_gguf f32 -> from_gguf - before|", f"{diff:.2e}")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        work, gguf_file=out_file.name, dtype=torch.float32
+    ).eval()
+    diff = max_diff([lg for _, lg in ours], hf_logits(theirs, [ids for ids, _ in ours]))
+    c.expect(diff <= TOLERANCE, f"transformers reads our to_gguf f32 file alike (got {diff:.2e})")
+    c.row("max |logit of our to_gguf f32 in transformers' GGUF loader - ours|", f"{diff:.2e}")
 
 
 def main() -> None:
