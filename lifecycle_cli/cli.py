@@ -67,6 +67,18 @@ VERBS: dict[str, Verb] = {
                 "Export a checkpoint as a Hugging Face folder that transformers loads.",
                 target="lifecycle_cli.commands.convert:to_hf",
             ),
+            "to_peft": Verb(
+                "Export a LoRA run's adapters in PEFT's format, for the to_hf export of its base.",
+                target="lifecycle_cli.commands.convert:to_peft",
+            ),
+            "to_gguf": Verb(
+                "Export a checkpoint as a GGUF file for llama.cpp and Ollama.",
+                target="lifecycle_cli.commands.convert:to_gguf",
+            ),
+            "from_gguf": Verb(
+                "Import a GGUF file (llama.cpp, Ollama) as a checkpoint folder.",
+                target="lifecycle_cli.commands.convert:from_gguf",
+            ),
         },
     ),
 }

@@ -34,7 +34,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lifecycle_cli
 from lifecycle_cli.errors import UserError
@@ -45,6 +45,7 @@ from lifecycle_cli.errors import UserError
 StateDict = dict[str, Any]  # tensors by state-dict name
 
 METADATA_KEY = "lora_args"
+LORA_FILE = "lora.safetensors"  # beside final/ in a LoRA run
 
 
 @dataclasses.dataclass
@@ -325,13 +326,10 @@ def save_lora(model, path: Path, args: LoRAArgs) -> int:
     return path.stat().st_size
 
 
-def load_lora(model, path: Path) -> LoRAArgs:
-    """Load adapters that `save_lora` wrote; inject them first if the model has none.
-
-    On a mismatch the model is left with (no-op) freshly injected adapters."""
+def read_lora(path: Path) -> tuple[LoRAArgs, StateDict]:
+    """The settings and the adapter tensors in a file `save_lora` wrote."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -339,9 +337,41 @@ def load_lora(model, path: Path) -> LoRAArgs:
     except (OSError, SafetensorError) as e:
         raise UserError(f"cannot read LoRA adapters {path}: {e}") from None
     try:
-        args = LoRAArgs(**json.loads(metadata[METADATA_KEY]))
+        return LoRAArgs(**json.loads(metadata[METADATA_KEY])), tensors
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path}: no LoRA settings in its metadata (not from save_lora)") from None
+
+
+def find_adapter(path: Path | str) -> tuple[Path, Optional[Path]]:
+    """(the adapter file, the run's final/ folder if it has one) for a LoRA run folder, its
+    final/ folder or its lora.safetensors."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        file = path
+    elif (path / LORA_FILE).is_file():
+        file = path / LORA_FILE
+    elif (path.parent / LORA_FILE).is_file() and (path / "model_config.yaml").is_file():
+        file = path.parent / LORA_FILE  # the run's final/
+    elif (path / "adapter_config.json").is_file():
+        raise UserError(
+            f"{path} is a PEFT adapter folder; --adapter takes a LoRA run of llmcycle (its "
+            f"folder with {LORA_FILE})"
+        )
+    else:
+        raise UserError(
+            f"{path}: no LoRA adapters found (expected a finetune/align --method lora run folder "
+            f"holding {LORA_FILE}, its final/ folder, or the file itself)"
+        )
+    final = file.parent / "final"
+    return file, final if (final / "model_config.yaml").is_file() else None
+
+
+def load_lora(model, path: Path) -> LoRAArgs:
+    """Load adapters that `save_lora` wrote; inject them first if the model has none.
+
+    On a mismatch the model is left with (no-op) freshly injected adapters."""
+    path = Path(path)
+    args, tensors = read_lora(path)
     if not has_lora(model):
         inject_lora(model, args)
     expected = lora_state_dict(model)

@@ -5,8 +5,13 @@ into one prompt string and knows the strings that end a reply. The built-in styl
 published formats of their families; `chat_template` is the checkpoint tokenizer's own Jinja
 template, rendered the way `transformers`' `apply_chat_template` does.
 
-Which style a checkpoint uses (`resolve_style`): an explicit name, else the `prompt_style.yaml`
-saved with it (finetune writes it), else its tokenizer's chat template, else `plain`.
+Which style a checkpoint is prompted with (`resolve_style`, the one rule of generate, chat,
+serve's /predict and chat routes, and the Python API): an explicit name, else the
+`prompt_style.yaml` saved with it (finetune writes it), else its tokenizer's chat template,
+else `plain` (the text exactly as given). So an instruct checkpoint
+(one with a chat template or a recorded style) is prompted the way it was trained, and a base
+one gets the raw text; `plain` asks for the raw text on any checkpoint. (Training picks the
+style to teach with the same way, but falls back to alpaca.)
 
 For training on a conversation, the reply is what rendering the whole conversation adds to
 rendering it without the reply (with the generation prompt):
@@ -249,6 +254,10 @@ LITGPT_NAMES = {
 }
 
 
+# Other names accepted for a style.
+ALIASES = {"raw": "plain"}
+
+
 def style_names() -> list[str]:
     return [*BUILTIN, CHAT_TEMPLATE]
 
@@ -256,6 +265,7 @@ def style_names() -> list[str]:
 def get_style(name: str, tokenizer: Optional[Tokenizer] = None) -> PromptStyle:
     """The style called `name` ('chat_template': the tokenizer's own template)."""
     key = name.strip().lower()
+    key = ALIASES.get(key, key)
     if key == CHAT_TEMPLATE:
         template = getattr(tokenizer, "chat_template", None)
         if not template:
@@ -307,23 +317,29 @@ def resolve_style(
     checkpoint_dir: Optional[Path | str],
     tokenizer: Optional[Tokenizer],
     name: Optional[str] = None,
-    default: str = "chat",
-) -> Optional[PromptStyle]:
-    """The style to use for a checkpoint.
-
-    `name` wins when given ('auto' counts as not given). Otherwise the checkpoint's
-    prompt_style.yaml; then, with default 'chat', the tokenizer's chat template or else `plain`;
-    with default 'raw', None (the prompt is used as given)."""
+) -> PromptStyle:
+    """The style to use for a checkpoint: `name` when given ('auto' counts as not given), else
+    the checkpoint's prompt_style.yaml, else the tokenizer's chat template, else `plain`."""
     if name is not None and name.strip().lower() != "auto":
         return get_style(name, tokenizer)
     saved = read_style_file(checkpoint_dir) if checkpoint_dir is not None else None
     if saved is not None:
         return get_style(saved, tokenizer)
-    if default == "raw":
-        return None
     if getattr(tokenizer, "chat_template", None):
         return get_style(CHAT_TEMPLATE, tokenizer)
     return get_style("plain", tokenizer)
+
+
+def style_folder(checkpoint_dir: Path | str, adapter: Optional[Path | str] = None) -> Path:
+    """Where the prompt style of a model is read: the adapter's run when it recorded one (it
+    was trained in that style), else the checkpoint."""
+    from lifecycle_cli.lora import find_adapter
+
+    if adapter is not None:
+        _, final = find_adapter(adapter)
+        if final is not None and (final / PROMPT_STYLE_FILE).is_file():
+            return final
+    return Path(checkpoint_dir)
 
 
 # --------------------------------------------------------------------------------------------

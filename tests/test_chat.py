@@ -301,15 +301,35 @@ def test_builtin_styles_render_single_and_multi_turn(checkpoint):
         assert full.startswith(prompt) and "Red." in full[len(prompt) :], name
 
 
+def test_generate_prompts_an_instruct_checkpoint_in_its_template_plain_as_given(checkpoint,
+                                                                               capsys):  # fmt: skip
+    from lifecycle_cli import LLM
+    from lifecycle_cli.cli import main
+
+    llm = LLM.load(checkpoint)
+    formatted = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    kw = dict(max_new_tokens=8, temperature=0)
+    templated = llm.generate(formatted, prompt_style="plain", stop=["<|im_end|>"], **kw)
+    raw = llm.generate("Name a colour.", prompt_style="plain", **kw)
+    assert templated and raw and templated != raw  # the two prompts continue differently
+    assert llm.generate("Name a colour.", **kw) == templated  # auto: the chat template
+    assert llm.generate("Name a colour.", prompt_style="raw", **kw) == raw
+    capsys.readouterr()
+    args = ["--prompt", "Name a colour.", "--temperature", "0", "--max_new_tokens", "8"]
+    assert main(["generate", str(checkpoint), *args]) == 0
+    assert capsys.readouterr().out == templated + "\n"
+
+
 def test_prompt_style_file_and_the_order_styles_are_chosen_in(tmp_path):
     ckpt = make_checkpoint(tmp_path, CHATML_TEMPLATE)
     tok = Tokenizer(ckpt)
-    assert resolve_style(ckpt, tok, default="raw") is None  # generate: the prompt as given
     assert resolve_style(ckpt, tok).name == "chat_template"
+    base = make_checkpoint(tmp_path / "base")  # no template, no saved style: plain
+    assert resolve_style(base, Tokenizer(base)).name == "plain"
     save_prompt_style("alpaca", ckpt)
     assert (ckpt / "prompt_style.yaml").read_text() == "name: alpaca\n"
     assert resolve_style(ckpt, tok).name == "alpaca"
-    assert resolve_style(ckpt, tok, default="raw").name == "alpaca"
+    assert resolve_style(ckpt, tok, "plain").name == resolve_style(ckpt, tok, "raw").name == "plain"
     assert resolve_style(ckpt, tok, "llama3").name == "llama3"  # the flag wins
     (ckpt / "prompt_style.yaml").write_text("class_path: litgpt.prompts.Phi3\n")  # LitGPT's
     assert resolve_style(ckpt, tok).name == "phi3"

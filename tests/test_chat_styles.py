@@ -1,6 +1,7 @@
 """Chat over HTTP in prompt styles other than plain: `/v1/chat/completions` gives the model the
 conversation rendered by the checkpoint's own chat template (exactly the tokens transformers'
-`apply_chat_template` gives), or by the style `serve --prompt_style` names, which wins."""
+`apply_chat_template` gives), or by the style `serve --prompt_style` names, which wins; so does
+`/predict` with its one prompt."""
 
 from __future__ import annotations
 
@@ -71,6 +72,21 @@ def test_chat_is_rendered_by_the_checkpoints_chat_template(template_server, chec
     expected = llm.generate(text, max_new_tokens=12, temperature=0, prompt_style="plain")
     assert out.choices[0].message.content == expected
     assert chat(template_server, messages, stream=True) == expected
+
+
+def test_predict_and_the_api_format_a_prompt_with_the_chat_template_by_default(
+    template_server, checkpoint, llm
+):
+    hf = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    message = [{"role": "user", "content": "Name a colour."}]
+    text = hf.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
+    stop = list(llm.prompt_style().stop)  # the template's end of turn
+    expected = llm.generate(text, max_new_tokens=12, temperature=0, prompt_style="plain", stop=stop)
+    assert llm.generate("Name a colour.", max_new_tokens=12, temperature=0) == expected
+    status, body, _ = template_server.call(
+        "/predict", {"prompt": "Name a colour.", "max_new_tokens": 12, "temperature": 0}
+    )
+    assert status == 200 and body["output"] == expected, body
 
 
 def test_serve_prompt_style_flag_wins_over_the_chat_template(chatml_server, llm):

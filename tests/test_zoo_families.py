@@ -221,7 +221,7 @@ def test_lora_finetune_then_generate_chat_and_serve(name, tokenizer_dir, tmp_pat
         status, reply, _ = server.call("/v1/chat/completions", body)
         assert status == 200, reply
         # the style serve formats chats with: the one the checkpoint was finetuned with
-        served_style = resolve_style(tmp_path / "out/final", llm.tokenizer, "auto", default="chat")
+        served_style = resolve_style(tmp_path / "out/final", llm.tokenizer, "auto")
         greedy = ChatSession(llm.generator(), llm.tokenizer, served_style,
                              SamplingParams(max_new_tokens=3, temperature=0))  # fmt: skip
         greedy.reply("hi")

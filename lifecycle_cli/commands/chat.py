@@ -28,6 +28,7 @@ def chat(
     draft_checkpoint: Optional[Path] = None,
     draft_tokens: int = 4,
     draft_quantize: Optional[str] = None,
+    adapter: Optional[Path] = None,
     **sampling: Any,
 ) -> None:
     """Chat with a model in the terminal. The whole conversation is the prompt of each reply
@@ -59,14 +60,24 @@ def chat(
             distribution. The acceptance rate goes to stderr with the timing.
         draft_tokens: Tokens the draft proposes per step.
         draft_quantize: int8 or int4: quantize the draft model's weights (as --quantize).
+        adapter: A LoRA run (`finetune`/`align --method lora` out_dir, its final/ or its
+            lora.safetensors) to put on top of checkpoint_dir, its base, without merging; its
+            recorded prompt style becomes the default.
     """
     from lifecycle_cli.api import load_for_inference
 
     params = from_flags(sampling)  # bad values fail here, before the model loads
     llm = load_for_inference(
-        checkpoint_dir, device, precision, quantize, draft_checkpoint, draft_tokens, draft_quantize
+        checkpoint_dir,
+        device,
+        precision,
+        quantize,
+        draft_checkpoint,
+        draft_tokens,
+        draft_quantize,
+        adapter,
     )
-    style = llm.prompt_style(prompt_style, default="chat")
+    style = llm.prompt_style(prompt_style)
     params = params.replace(stop=params.stop + style.stop)
     session = ChatSession(llm.generator(compile=compile), llm.tokenizer, style, params, system)
     print(

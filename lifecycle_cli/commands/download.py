@@ -18,6 +18,7 @@ def download(
     revision: Optional[str] = None,
     access_token: Optional[str] = None,
     from_dir: Optional[Path] = None,
+    from_gguf: Optional[Path] = None,
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None,
     dataset: Optional[str] = None,
     files: Optional[Union[list[str], str]] = None,
@@ -39,7 +40,10 @@ def download(
             the token `hf auth login` saved).
         from_dir: Convert this local Hugging Face folder (config.json, safetensors, tokenizer
             files) instead of downloading.
-        dtype: Store the weights as float32, float16 or bfloat16 (default: as published).
+        from_gguf: Import this GGUF file (llama.cpp, Ollama, LM Studio) instead of downloading;
+            the checkpoint is <checkpoint_dir>/<repo_id>, or the file's name without .gguf.
+        dtype: Store the weights as float32, float16 or bfloat16 (default: as published;
+            float32 for a GGUF).
         dataset: A Hugging Face data set repo, `org/name`, to download instead of a model: its
             parquet, JSON(L), text, CSV and TSV files.
         files: With --dataset, only the files matching this glob (`"data/train-*"`) or these
@@ -51,6 +55,11 @@ def download(
         return
     if files is not None:
         raise UserError("--files applies to --dataset downloads")
+    if from_gguf is not None:
+        download_gguf(
+            Path(from_gguf), repo_id, checkpoint_dir, from_dir, revision, access_token, dtype
+        )
+        return
     if repo_id is None:
         raise UserError(
             "name a model (llmcycle download org/name), a data set (--dataset org/name), or list"
@@ -81,6 +90,24 @@ def download(
         raise
     source = repo_id if from_dir is None else str(from_dir)
     print(f"Converted {source} ({config.hf_model_type}) into {out_dir}")
+
+
+def download_gguf(
+    path: Path,
+    repo_id: Optional[str],
+    checkpoint_dir: Path,
+    from_dir: Optional[Path],
+    revision: Optional[str],
+    access_token: Optional[str],
+    dtype: Optional[str],
+) -> None:
+    if from_dir is not None or revision is not None or access_token is not None:
+        raise UserError("--from_gguf takes none of --from_dir, --revision, --access_token")
+    from lifecycle_cli.zoo.gguf import import_gguf
+
+    out_dir = checkpoint_dir / checked_repo_id(repo_id or path.name.removesuffix(".gguf"))
+    config = import_gguf(path, out_dir, dtype=dtype, name=out_dir.name)
+    print(f"Imported {path} ({config.hf_model_type}) into {out_dir}")
 
 
 def download_dataset(

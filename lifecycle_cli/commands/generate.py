@@ -22,6 +22,7 @@ def generate(
     draft_checkpoint: Optional[Path] = None,
     draft_tokens: int = 4,
     draft_quantize: Optional[str] = None,
+    adapter: Optional[Path] = None,
     **sampling: Any,
 ) -> None:
     """Generate a completion of a prompt and print it as it is generated.
@@ -32,11 +33,12 @@ def generate(
         checkpoint_dir: The checkpoint folder (with its tokenizer).
         prompt: The text to continue.
         {sampling}
-        prompt_style: How the prompt is formatted. `auto`: the style saved with a finetuned
-            checkpoint (prompt_style.yaml), else the prompt exactly as given (a completion).
-            `chat_template` (the tokenizer's own template) or alpaca, chatml, llama3, llama2,
-            mistral, phi3, gemma, qwen, plain: format it as one user message of that style.
-        system: A system prompt (needs a prompt style other than the raw prompt).
+        prompt_style: How the prompt is formatted. `auto`: as one user message in the style
+            saved with a finetuned checkpoint (prompt_style.yaml), else in the tokenizer's chat
+            template (an instruct model), else exactly as given (a base model). `plain`: exactly
+            as given (a completion), whatever the checkpoint. Or one of: chat_template, alpaca,
+            chatml, llama3, llama2, mistral, phi3, gemma, qwen.
+        system: A system prompt (with `plain`: a line before the prompt).
         precision: 32-true, bf16-true or 16-true (default: bf16-true on a GPU that supports
             it, else 32-true).
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.
@@ -51,13 +53,23 @@ def generate(
             distribution. The acceptance rate goes to stderr with the timing.
         draft_tokens: Tokens the draft proposes per step.
         draft_quantize: int8 or int4: quantize the draft model's weights (as --quantize).
+        adapter: A LoRA run (`finetune`/`align --method lora` out_dir, its final/ or its
+            lora.safetensors) to put on top of checkpoint_dir, its base, without merging; its
+            recorded prompt style becomes the default.
     """
     from lifecycle_cli.api import load_for_inference
     from lifecycle_cli.generate import format_stats
 
     params = from_flags(sampling)  # bad values fail here, before the model loads
     llm = load_for_inference(
-        checkpoint_dir, device, precision, quantize, draft_checkpoint, draft_tokens, draft_quantize
+        checkpoint_dir,
+        device,
+        precision,
+        quantize,
+        draft_checkpoint,
+        draft_tokens,
+        draft_quantize,
+        adapter,
     )
     ids, style_stops = llm.prepare_prompt(prompt, prompt_style, system)
     params = params.replace(stop=params.stop + style_stops)

@@ -21,6 +21,7 @@ def serve(
     precision: Optional[str] = None,
     device: str = "auto",
     quantize: Optional[str] = None,
+    adapter: Optional[Path] = None,
 ) -> None:
     """Serve a model over HTTP until Ctrl+C or SIGTERM.
 
@@ -42,16 +43,19 @@ def serve(
             requests arriving together start together (0: start at once).
         max_new_tokens_limit: The most new tokens one request may ask for; a larger
             max_tokens is refused (400). Also the default for chat requests that set none.
-        prompt_style: How chat messages (and /predict prompts) are formatted. `auto`: the style
-            saved with the checkpoint, else the tokenizer's chat template for chat and the raw
-            prompt for /predict. Or a name: chat_template, alpaca, chatml, llama3, llama2,
-            mistral, phi3, gemma, qwen, plain. /v1/completions always uses the prompt as given.
+        prompt_style: How chat messages and /predict prompts are formatted. `auto`: the style
+            saved with the checkpoint, else the tokenizer's chat template, else plain (the text
+            as given). Or a name: chat_template, alpaca, chatml, llama3, llama2, mistral, phi3,
+            gemma, qwen, plain. /v1/completions always uses the prompt as given.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on a GPU that supports
             it, else 32-true).
         device: auto (a GPU if there is one, else CPU), cpu, cuda, cuda:N or mps.
         quantize: int8 or int4: weight-only quantized linear layers and output head (int8
             per output channel, int4 per group of 32 inputs), for less memory and faster
             decoding; the checkpoint is unchanged. Default: the weights as stored.
+        adapter: A LoRA run (`finetune`/`align --method lora` out_dir, its final/ or its
+            lora.safetensors) to put on top of checkpoint_dir, its base, without merging; its
+            recorded prompt style becomes the default.
     """
     from lifecycle_cli.errors import UserError
     from lifecycle_cli.serve import run_server
@@ -64,4 +68,5 @@ def serve(
         checkpoint_dir, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
         batch_timeout=batch_timeout, max_new_tokens_limit=max_new_tokens_limit,
         prompt_style=prompt_style, precision=precision, device=device, quantize=quantize,
+        adapter=adapter,
     )  # fmt: skip

@@ -168,8 +168,7 @@ class ModelInfo:
     aliases: tuple[str, ...]
     tokenizer: Tokenizer
     context: int
-    chat_style: PromptStyle
-    predict_style: Optional[PromptStyle]
+    style: PromptStyle  # how chat messages and /predict prompts become a prompt
     max_new_tokens_limit: int
 
 
@@ -363,7 +362,7 @@ class Requests:
         self.check_model(body)
         self._check_unsupported(body)
         messages = self._chat_messages(body)
-        style = self.info.chat_style
+        style = self.info.style
         try:
             ids = style.encode(self.info.tokenizer, style.render(messages))
         except UserError as e:
@@ -377,12 +376,7 @@ class Requests:
         if not isinstance(prompt, str):
             got = "none" if prompt is None else _json_type(prompt)
             raise RequestError(f"`prompt` must be a string, got {got}", "prompt")
-        style = self.info.predict_style
-        tokenizer = self.info.tokenizer
-        ids = tokenizer.encode(prompt) if style is None else style.encode(
-            tokenizer, style.apply(prompt)
-        )  # fmt: skip
+        style = self.info.style
+        ids = style.encode(self.info.tokenizer, style.apply(prompt))
         job = self._job(body, ids, "prompt", LITGPT_PREDICT, ("max_new_tokens", "max_tokens"))
-        if style is not None:
-            job = self._with_stops(job, style.stop)
-        return job, self._options(body)
+        return self._with_stops(job, style.stop), self._options(body)

@@ -70,13 +70,14 @@ def build_server(
     precision: Optional[str] = None,
     device: str = "auto",
     quantize: Optional[str] = None,
+    adapter: Optional[Path | str] = None,
     banner: str = "",
 ) -> ls.LitServer:
     """A LitServer for a checkpoint folder: the checks that need no model happen here, the model
     loads in the inference worker when the server runs."""
     from lifecycle_cli.checkpoint import check_checkpoint_dir, load_config
     from lifecycle_cli.generate.options import check_quantize
-    from lifecycle_cli.prompts import resolve_style
+    from lifecycle_cli.prompts import resolve_style, style_folder
     from lifecycle_cli.tokenizer import Tokenizer
 
     check_quantize(quantize)
@@ -94,13 +95,12 @@ def build_server(
     names = model_names(checkpoint_dir)
     info = ModelInfo(
         name=names[0], aliases=names, tokenizer=tokenizer, context=config.block_size,
-        chat_style=resolve_style(folder, tokenizer, prompt_style, default="chat"),
-        predict_style=resolve_style(folder, tokenizer, prompt_style, default="raw"),
+        style=resolve_style(style_folder(folder, adapter), tokenizer, prompt_style),
         max_new_tokens_limit=max_new_tokens_limit,
     )  # fmt: skip
     api = EngineAPI(
         folder, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
-        precision=precision, device=device, quantize=quantize, banner=banner,
+        precision=precision, device=device, quantize=quantize, adapter=adapter, banner=banner,
     )  # fmt: skip
     middlewares = [(BearerAuth, {"api_key": api_key})] if api_key else []
     server = ls.LitServer(

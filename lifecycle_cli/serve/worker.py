@@ -59,6 +59,7 @@ class EngineAPI(ls.LitAPI):
         precision: Optional[str],
         device: str,
         quantize: Optional[str] = None,
+        adapter: Optional[Path] = None,
         banner: str = "",
     ) -> None:
         super().__init__(
@@ -68,6 +69,7 @@ class EngineAPI(ls.LitAPI):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.precision, self.device_name, self.banner = precision, device, banner
         self.quantize = quantize
+        self.adapter = adapter
         # Set in the parent: a setup failure comes back as one readable line.
         self.setup_errors = mp.get_context("spawn").SimpleQueue()
         self.engine: Any = None  # the Engine, once set up
@@ -78,7 +80,9 @@ class EngineAPI(ls.LitAPI):
 
         wanted = self.device_name if self.device_name != "auto" else device
         try:
-            llm = load_for_inference(self.checkpoint_dir, wanted, self.precision, self.quantize)
+            llm = load_for_inference(
+                self.checkpoint_dir, wanted, self.precision, self.quantize, adapter=self.adapter
+            )
         except UserError as e:
             self.setup_errors.put(str(e))
             raise
@@ -90,8 +94,9 @@ class EngineAPI(ls.LitAPI):
         dtype = str(next(llm.model.parameters()).dtype).removeprefix("torch.")
         if self.quantize:
             dtype += f", {self.quantize} linear layers"
+        lora = f" with the adapters of {self.adapter}" if self.adapter else ""
         print(
-            f"llmcycle serve: {self.checkpoint_dir} loaded ({n / 1e6:.1f}M parameters, "
+            f"llmcycle serve: {self.checkpoint_dir} loaded{lora} ({n / 1e6:.1f}M parameters, "
             f"{self.engine.device}, {dtype}, up to {self.max_batch_size} requests per batch)"
             f"{self.banner}",
             file=sys.stderr,

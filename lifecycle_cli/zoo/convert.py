@@ -99,22 +99,42 @@ def convert_hf_checkpoint(
         # None: a tensor the family does not convert (Gemma 3's vision tower)
         named = ((family.canonical_hf_name(n), t) for n, t in tensors)
         tensors = ((n, t) for n, t in named if n is not None)
-    rules = family.weight_rules(config)
     with atomic_dir(out_dir) as tmp, progress_bar(files, f"Converting {config.name}") as bar:
-        config.save(tmp / CONFIG_FILE)
-        writer = ShardWriter(tmp, max_shard_bytes or shard_bytes_like(files))
-        written = set()
-        for key, tensor in remap(counted(tensors, bar), rules, config, to_ours=True):
-            if tensor.is_floating_point() and target is not None:
-                tensor = tensor.to(target)
-            writer.add(key, tensor)
-            written.add(key)
-        missing = expected_names(config) - written
-        if missing:
-            raise UserError(f"{hf_dir}: weights missing for {', '.join(sorted(missing)[:3])}")
-        writer.close()
+        write_converted(
+            tmp,
+            config,
+            counted(tensors, bar),
+            target,
+            max_shard_bytes or shard_bytes_like(files),
+            hf_dir,
+        )
         copy_side_files(hf_dir, tmp)
     return config
+
+
+def write_converted(
+    folder: Path,
+    config: Config,
+    hf_tensors: Iterable[tuple[str, torch.Tensor]],
+    target: Optional[torch.dtype],
+    max_shard_bytes: int,
+    source: Path,
+) -> None:
+    """Write `config` and the weights of `hf_tensors` (Hugging Face names and layout) into
+    `folder` as a checkpoint's; `source` names the input in errors."""
+    rules = family_for(config.hf_model_type).weight_rules(config)
+    config.save(folder / CONFIG_FILE)
+    writer = ShardWriter(folder, max_shard_bytes)
+    written = set()
+    for key, tensor in remap(hf_tensors, rules, config, to_ours=True):
+        if tensor.is_floating_point() and target is not None:
+            tensor = tensor.to(target)
+        writer.add(key, tensor)
+        written.add(key)
+    missing = expected_names(config) - written
+    if missing:
+        raise UserError(f"{source}: weights missing for {', '.join(sorted(missing)[:3])}")
+    writer.close()
 
 
 def export_hf(

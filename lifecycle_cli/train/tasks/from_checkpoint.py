@@ -95,7 +95,7 @@ class CheckpointTask:
     def finish(self, fabric, model, final: Path) -> None:
         """final/: the trained GPT (LoRA merged into the base it was trained against) as a plain
         checkpoint, lora.safetensors beside it, and whatever the subclass saves."""
-        from lifecycle_cli.lora import adapted_model, merge_lora, save_lora
+        from lifecycle_cli.lora import LORA_FILE, adapted_model, merge_lora, save_lora
         from lifecycle_cli.quantize import dequantize_blocks
         from lifecycle_cli.train.fabric import unwrap
         from lifecycle_cli.train.state import full_state_dict, write_final
@@ -105,7 +105,7 @@ class CheckpointTask:
         state = full_state_dict(fabric, self.gpt)  # every rank: gathered from the shards
         if fabric.global_rank == 0:
             if self.method in ("lora", "qlora"):
-                adapter_file = final.parent / "lora.safetensors"
+                adapter_file = final.parent / LORA_FILE
                 adapted = adapted_model(self.config, self.lora, state)
                 size = save_lora(adapted, adapter_file, self.lora)
                 fabric.print(f"Saved LoRA adapters: {adapter_file} ({size:,} bytes)")
