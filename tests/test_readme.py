@@ -20,6 +20,8 @@ def readme_commands() -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
+            if "llmcycle " not in line:
+                continue  # e.g. a multi-line `python -c "..."`
             words = shlex.split(line, comments=True)
             while words and ASSIGNMENT.match(words[0]):  # HF_TOKEN=... llmcycle ...
                 words = words[1:]
