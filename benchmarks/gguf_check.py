@@ -8,7 +8,7 @@ built from source: `LLAMA_PYTHON`), checks:
   computed with llama.cpp's fp16 GELU table, whose rounding alone moves a GEGLU model's logits
   by ~1e-3; the difference from the exact GELU is printed beside);
 - the same greedy continuation (24 tokens) from f32 and from f16 as `llmcycle generate`;
-- q8_0: >= 95% top-1 agreement with llmcycle's f32 logits over 100 positions;
+- q8_0: >= 95% top-1 agreement with llmcycle's f32 logits over 100 positions of held-out text;
 - the chat template llama.cpp reads formats a conversation exactly as `llmcycle chat` does;
 - llama.cpp decode tokens/s on q8_0 next to llmcycle's generate on the same checkpoint.
 
@@ -155,8 +155,12 @@ def llmcycle_side(ckpt: Path) -> dict[str, Any]:
     from lifecycle_cli.prompts import resolve_style
 
     llm = LLM.load(ckpt)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, llm.config.vocab_size, (Q8_POSITIONS,), generator=gen).tolist()
+    from pydoc_data.topics import topics
+
+    # Held-out text (the tiny models train on the first 40 topics): real predictions, not the
+    # near-ties of random tokens.
+    held_out = " ".join(list(topics.values())[60:80])
+    tokens = llm.tokenizer.encode(held_out, bos=False)[:Q8_POSITIONS]
     with torch.no_grad():
         logits = llm.model(torch.tensor([tokens]))[0]
         with llama_cpp_gelu():
@@ -172,10 +176,11 @@ def llmcycle_side(ckpt: Path) -> dict[str, Any]:
         done = llm.generator().generate_batch([prompt], params)[0]
         first = done.time_to_first_token or 0.0
         speed.append((len(done.token_ids) - 1) / (time.perf_counter() - start - first))
+    # the best of 3 (as on the llama.cpp side): the machine may be shared
     return dict(
         tokens=tokens, logits=logits, table_logits=table_logits, prompt=prompt, greedy=greedy,
         ids=[llm.tokenizer.encode(t, bos=False) for t in TEXTS],
-        chat=[style.render(m) for m in MESSAGES], decode_tokens_per_s=sorted(speed)[1],
+        chat=[style.render(m) for m in MESSAGES], decode_tokens_per_s=max(speed),
     )  # fmt: skip
 
 
@@ -183,30 +188,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama_python", default=os.environ.get("LLAMA_PYTHON", ""))
     parser.add_argument("--families", default=",".join(TINY_FAMILIES))
+    parser.add_argument(
+        "--checkpoint", default=None, help="also check this checkpoint folder (a real model)"
+    )
     args = parser.parse_args(argv)
     if not args.llama_python:
         print("name the llama-cpp-python environment's python: --llama_python or $LLAMA_PYTHON")
         return 2
+    import numpy as np
     import torch
 
     from lifecycle_cli.zoo.gguf import export_gguf
 
-    families = args.families.split(",")
+    families = [f for f in args.families.split(",") if f]
     failures: list[str] = []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tokenizer = tiny_tokenizer(root / "tokenizer")
         ours, job = {}, []
+        if args.checkpoint:
+            families.append("checkpoint")
         for family in families:
-            ckpt = tiny_checkpoint(family, root / family, tokenizer, train_steps=TRAIN_STEPS)
+            if family == "checkpoint":
+                ckpt = Path(args.checkpoint)
+            else:
+                ckpt = tiny_checkpoint(family, root / family, tokenizer, train_steps=TRAIN_STEPS)
             ours[family] = llmcycle_side(ckpt)
             for dtype in ("f32", "f16", "q8_0"):
                 path, _ = export_gguf(ckpt, root / f"{family}-{dtype}.gguf", dtype=dtype)
                 job.append(dict(
                     key=f"{family}-{dtype}", path=str(path), tokens=ours[family]["tokens"],
+                    logits_file=str(root / f"{family}-{dtype}.npy"),
                     prompt=ours[family]["prompt"], new_tokens=NEW, texts=TEXTS,
-                    messages=MESSAGES, decode_tokens=DECODE,
+                    messages=MESSAGES, decode_tokens=DECODE if dtype == "q8_0" else 0,
                 ))  # fmt: skip
         (root / "job.json").write_text(json.dumps({"models": job}))
         worker = Path(__file__).with_name("gguf_llamacpp.py")
@@ -218,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             print(done.stdout + done.stderr)
             return 1
         theirs = json.loads((root / "out.json").read_text())
+        for key, value in theirs.items():
+            value["logits"] = torch.from_numpy(np.load(root / f"{key}.npy"))
 
     for family in families:
         mine = ours[family]
@@ -228,12 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             return "ok" if ok else "FAIL"
 
         f32, f16, q8 = (theirs[f"{family}-{d}"] for d in ("f32", "f16", "q8_0"))
-        theirs_f32 = torch.tensor(f32["logits"][:SEQ])
+        theirs_f32 = f32["logits"][:SEQ]
         exact = float((theirs_f32 - mine["logits"][:SEQ]).abs().max())
         diff = float((theirs_f32 - mine["table_logits"][:SEQ]).abs().max())
-        agree = float(
-            (torch.tensor(q8["logits"]).argmax(-1) == mine["logits"].argmax(-1)).float().mean()
-        )
+        same = int((q8["logits"].argmax(-1) == mine["logits"].argmax(-1)).sum())
+        agree = same / len(mine["tokens"])  # counted, not a float32 mean (95/100 < 0.95 there)
         row = dict(
             family=family,
             f32_logits_max_diff=f"{diff:.1e} {check(diff <= 1e-3, f'f32 logits differ: {diff}')}",

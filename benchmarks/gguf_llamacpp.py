@@ -3,8 +3,9 @@ environment (it imports neither torch nor llmcycle).
 
     python benchmarks/gguf_llamacpp.py JOB.json OUT.json
 
-JOB: {"models": [{"key", "path", "tokens", "prompt", "new_tokens", "texts", "messages",
-"decode_tokens"}]}. OUT: per key the logits of `tokens` (every position), the greedy
+JOB: {"models": [{"key", "path", "tokens", "logits_file", "prompt", "new_tokens", "texts",
+"messages", "decode_tokens"}]}. OUT: per key (and in logits_file, as .npy) the logits of
+`tokens` at every position, the greedy
 continuation of `prompt`, the ids of each text, the conversation as the file's chat template
 renders it (llama-cpp-python's Jinja2ChatFormatter, what its chat completion uses) and decode
 tokens/s.
@@ -31,7 +32,7 @@ def run(model: dict) -> dict:
     out: dict = {}
     llm.reset()
     llm.eval(model["tokens"])
-    out["logits"] = np.asarray(llm.scores[: len(model["tokens"])]).tolist()
+    np.save(model["logits_file"], np.asarray(llm.scores[: len(model["tokens"])], np.float32))
 
     llm.reset()
     ids = list(model["prompt"])
@@ -54,12 +55,15 @@ def run(model: dict) -> dict:
         formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
         out["chat"] = [formatter(messages=m).prompt for m in model["messages"]]
 
-    llm.reset()
-    llm.eval(list(model["prompt"]))
-    start = time.perf_counter()
-    for _ in range(model["decode_tokens"]):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    out["decode_tokens_per_s"] = model["decode_tokens"] / (time.perf_counter() - start)
+    speeds = [0.0]
+    for _ in range(3 if model["decode_tokens"] else 0):  # the best of 3: the machine is shared
+        llm.reset()
+        llm.eval(list(model["prompt"]))
+        start = time.perf_counter()
+        for _ in range(model["decode_tokens"]):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        speeds.append(model["decode_tokens"] / (time.perf_counter() - start))
+    out["decode_tokens_per_s"] = max(speeds)  # 0: not timed
     return out
 
 

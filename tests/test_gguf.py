@@ -128,7 +128,7 @@ def test_a_llama_cpp_gguf_imports_with_the_original_logits_and_tokenizer(llama, 
     assert ours.chat_template == CHAT_TEMPLATE
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1])
 def test_quantized_gguf_weights_import_as_gguf_dequantizes_them(qtype, llama, tmp_path):
     hf_dir, hf_model = llama
     path = write_like_llama_cpp(hf_dir, tmp_path / f"tiny-{qtype.name}.gguf", qtype)
