@@ -15,8 +15,8 @@ micro-batch of one step sees the same weights), keeps them for the rollout's oth
 writes them to out_dir/rollouts-rank<R>.pt so a run resumed mid-rollout continues with the very
 same completions. Each completion is sampled with a seed of its own from (--seed, rollout, slot,
 index in the group): the sampler's state is a function of the step, so resume is exact. There is
-no validation loss; every evaluation measures pass@1 (greedy exact match on held-out prompts
-with an "answer") and the mean reward of those greedy answers.
+no validation loss; every evaluation measures pass@1 on held-out prompts (the share of greedy
+answers the first reward scores >= 1; see `held_out`) and their mean reward.
 """
 
 from __future__ import annotations
@@ -449,8 +449,9 @@ class GRPOTask(CheckpointTask):
         return measure
 
     def held_out(self, n: int) -> dict[str, float]:
-        """pass@1 (greedy exact match against "answer", where every record has one) and the
-        mean reward of the greedy answers, over the first n held-out prompts."""
+        """Over the first n held-out prompts: pass@1, the share of greedy answers the first
+        --reward (the verifier) scores at least 1 (a reward model first: exact match against
+        "answer" where every record has one), and the mean total reward of those answers."""
         from lifecycle_cli.data.synthetic import exact_match
         from lifecycle_cli.evaluate.exact_match import generate_answers
         from lifecycle_cli.rewards import Sample, score
@@ -471,10 +472,13 @@ class GRPOTask(CheckpointTask):
         values = score(self.rewards, samples)
         weights = [r.weight for r in self.rewards]
         out = {"val_reward": float(np.mean([np.dot(v, weights) for v in values]))}
-        if all(isinstance(r.get("answer"), str) for r, _ in items):
+        if self.rewards[0].kind != "model":
+            hits = [v[0] >= 1 for v in values]
+        elif all(isinstance(r.get("answer"), str) for r, _ in items):
             hits = [exact_match(a, r["answer"]) for (r, _), a in zip(items, answers)]
-            out = {"pass@1": float(np.mean(hits)), **out}
-        return out
+        else:
+            return out
+        return {"pass@1": float(np.mean(hits)), **out}
 
     def save_extra(self, model, final: Path, say) -> None:
         from lifecycle_cli.prompts import save_prompt_style
