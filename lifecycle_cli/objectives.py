@@ -31,12 +31,17 @@ def response_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's response tokens, their count), both (rows,): one
     forward over the whole batch (chosen and rejected rows concatenated)."""
-    logits = model(batch["input_ids"])
     labels = batch["labels"]
-    token_logps = -F.cross_entropy(
+    return token_logps(model, batch["input_ids"], labels).sum(-1), (labels != -100).sum(-1)
+
+
+def token_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
+    """(B, T) log-probability of each label token given the tokens before it (0 where the
+    label is -100)."""
+    logits = model(input_ids)
+    return -F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
     ).view(labels.shape)
-    return token_logps.sum(-1), (labels != -100).sum(-1)
 
 
 def dpo_loss(
@@ -104,3 +109,49 @@ def orpo_loss(
         return mean_logp - torch.log(-torch.expm1(mean_logp.clamp(max=-1e-7)))
 
     return -mean_c - weight * F.logsigmoid(log_odds(mean_c) - log_odds(mean_r))
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO (Shao et al. 2024, DeepSeekMath): several completions per prompt, each one's advantage its
+# reward standardised within the prompt's group (no value network), a PPO-style clipped ratio per
+# completion token.
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(prompts, G) rewards -> (r - group mean) / (group std + eps), std with Bessel's
+    correction as TRL computes it. A group whose rewards are all equal gets 0 everywhere."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, keepdim=True) if rewards.size(-1) > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_token_losses(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token KL) from (N, T) token log-probs of the policy, of the policy
+    that sampled them (`old_logps`, no gradient) and of the reference, and (N,) advantages:
+
+        -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + kl_coef * KL,
+
+    ratio = exp(logp - old_logp) and KL the k3 estimator exp(ref - logp) - (ref - logp) - 1
+    (>= 0, unbiased; as DeepSeekMath and TRL). Without a reference the KL is 0."""
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(-1)
+    policy = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if ref_logps is None:
+        return policy, torch.zeros_like(policy)
+    delta = ref_logps - logps
+    kl = torch.exp(delta) - delta - 1
+    return policy + kl_coef * kl, kl
+
+
+def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens where mask is set: every completion token weighs the same (the loss
+    is normalised by the batch's token count, not per completion)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)

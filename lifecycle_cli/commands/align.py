@@ -1,4 +1,5 @@
-"""`llmcycle align`: teach a checkpoint preferences (DPO, IPO, SimPO, ORPO)."""
+"""`llmcycle align`: teach a checkpoint preferences (DPO, IPO, SimPO, ORPO), train a reward model,
+or reinforce it with rewards (GRPO)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def align(
     checkpoint_dir: Path,
     out_dir: Path = Path("out/align"),
     data: PreferenceData = PreferenceData(),
-    objective: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo",
+    objective: Literal["dpo", "ipo", "simpo", "orpo", "reward_model", "grpo"] = "dpo",
     beta: Optional[float] = None,
     label_smoothing: float = 0.0,
     gamma: Optional[float] = None,
@@ -49,6 +50,14 @@ def align(
     preference_samples: int = 200,
     exact_match_samples: int = 100,
     max_new_tokens: int = 32,
+    reward: Optional[str] = None,
+    group_size: int = 8,
+    num_iterations: int = 1,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    log_completions: int = 0,
     resume: Resume = False,
     devices: Devices = 1,
     num_nodes: int = 1,
@@ -63,16 +72,22 @@ def align(
     plan: PlanArgs = PlanArgs(),
 ) -> None:
     """Align a checkpoint to preference pairs (prompt, chosen, rejected): JSON/JSONL files or
-    synthetic pairs, formatted as finetune formats prompts.
+    synthetic pairs, formatted as finetune formats prompts; train a reward model on such pairs;
+    or improve a checkpoint by GRPO on prompts (JSON/JSONL records with a "prompt", or
+    synthetic tasks) with rewards a program computes.
 
     Args:
         checkpoint_dir: The checkpoint folder to start from (usually a finetuned one).
         out_dir: Where step folders, final/ (a plain checkpoint; LoRA merged, with
             lora.safetensors beside), metrics.csv, hparams.yaml, loss.png and preferences.png go.
-        data: The preference pairs.
+        data: The preference pairs (grpo: the prompts, records with a "prompt" string and
+            whatever the rewards read, e.g. "answer").
         objective: dpo (sigmoid loss on the implicit reward margin), ipo (squared loss on it),
             simpo (reference-free, length-normalised, with a margin gamma), orpo (reference-free:
-            SFT loss on chosen plus an odds-ratio term).
+            SFT loss on chosen plus an odds-ratio term), reward_model (a scalar head on the last
+            response token, Bradley-Terry loss; final/ loads as a reward model for --reward
+            and `evaluate --reward_model`), grpo (group-relative policy optimisation: sampled
+            completions, rewards, clipped policy-ratio loss).
         beta: Strength of the preference term: DPO/IPO's beta (default 0.1), SimPO's (default
             2.0); not for orpo.
         label_smoothing: DPO/SimPO: the assumed probability that a pair's label is wrong.
@@ -96,7 +111,20 @@ def align(
             preference metrics at every evaluation.
         exact_match_samples: Validation prompts answered greedily to measure exact match
             against the chosen answer (synthetic pairs only; 0 turns it off).
-        max_new_tokens: Longest answer generated for exact match.
+        max_new_tokens: Longest answer generated for exact match (grpo: for every completion).
+        reward: grpo: exact_match (against the record's "answer"), synthetic (the task's
+            checker), format (ended by itself on one line), FILE.py:FUNCTION (called with
+            prompt, completion, record; returns a number) or a reward model folder;
+            comma-separated, each optionally =WEIGHT: the reward is the weighted sum.
+        group_size: grpo: completions sampled per prompt (advantages are relative to the group).
+        num_iterations: grpo: optimizer steps per rollout (later ones clipped off-policy).
+        clip_eps: grpo: the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps].
+        kl_coef: grpo: weight of the KL to the reference (the base with adapters off for LoRA,
+            a frozen copy for full); 0 computes no reference.
+        temperature: grpo: sampling temperature of the completions.
+        top_p: grpo: nucleus sampling of the completions.
+        log_completions: grpo: write the first N sampled completions with their rewards to
+            out_dir/completions.jsonl.
         dry_run: Print the plan (parameters, FLOPs with the reference's forward pass, memory
             per precision with the reference copy full DPO holds, time and cost) and stop;
             checkpoint_dir may then be a named model.
@@ -112,13 +140,45 @@ def align(
         return
     flags = dict(locals())
     from lifecycle_cli.checkpoint import check_checkpoint_dir
+    from lifecycle_cli.errors import UserError
     from lifecycle_cli.train.session import RunFlags, run_session
     from lifecycle_cli.train.tasks.preference import PreferenceObjective, PreferenceTask
 
     checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+    if objective == "grpo":
+        task = grpo_task({**flags, "checkpoint_dir": checkpoint_dir})
+        run_session(task, out_dir, train, eval, RunFlags.pick(flags), flags)
+        return
+    if reward is not None:
+        raise UserError("--reward applies to --objective grpo")
     loss = PreferenceObjective(objective, beta, label_smoothing, gamma, orpo_weight, rpo_alpha)
+    if objective == "reward_model":
+        from lifecycle_cli.train.tasks.reward_model import RewardModelTask as PreferenceTask
     task = PreferenceTask(
         checkpoint_dir, data, method, lora, loss, out_dir, ref_checkpoint, precompute_ref,
         prompt_style, preference_samples, exact_match_samples, max_new_tokens,
     )  # fmt: skip
     run_session(task, out_dir, train, eval, RunFlags.pick(flags), flags)
+
+
+def grpo_task(f: dict):
+    """The GRPO task of align's flags; the preference-only flags are refused."""
+    from lifecycle_cli.errors import UserError
+    from lifecycle_cli.rewards import parse_rewards
+    from lifecycle_cli.train.tasks.grpo import GRPOSettings, GRPOTask
+
+    for flag in ("beta", "gamma", "orpo_weight", "ref_checkpoint"):
+        if f[flag] is not None:
+            raise UserError(f"--{flag} does not apply to --objective grpo")
+    if f["label_smoothing"] or f["precompute_ref"]:
+        flag = "--label_smoothing" if f["label_smoothing"] else "--precompute_ref"
+        raise UserError(f"{flag} does not apply to --objective grpo")
+    settings = GRPOSettings(
+        f["group_size"], f["num_iterations"], f["clip_eps"], f["kl_coef"], f["temperature"],
+        f["top_p"], f["max_new_tokens"], f["exact_match_samples"], f["log_completions"],
+    )  # fmt: skip
+    return GRPOTask(
+        f["checkpoint_dir"], f["data"], f["method"], f["lora"], parse_rewards(f["reward"]),
+        settings, f["out_dir"], f["train"].global_batch_size, f["prompt_style"],
+        resuming=f["resume"] not in (False, None),
+    )  # fmt: skip

@@ -22,6 +22,7 @@ def evaluate(
     dev_path: Optional[Path] = None,
     apply_chat_template: bool = False,
     ref_checkpoint: Optional[Path] = None,
+    reward_model: Optional[Path] = None,
     length_normalize: bool = False,
     contamination_of: Optional[list[Path]] = None,
     contamination_n: int = 13,
@@ -64,6 +65,8 @@ def evaluate(
         apply_chat_template: lm_eval tasks: format prompts with the tokenizer's chat template
             (as lm-eval's --apply_chat_template; default raw).
         ref_checkpoint: preference: the reference model, for the implicit-reward accuracy.
+        reward_model: preference: also score the pairs with this reward model (`align
+            --objective reward_model`): reward_model_accuracy, the share it ranks chosen first.
         length_normalize: preference: rank by mean (not summed) response log-prob.
         contamination_of: Training data (files or folders, read as pretrain reads them) to
             check every task's examples against: the share of examples that share a word
@@ -87,8 +90,9 @@ def evaluate(
         limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed, stride=stride,
         max_new_tokens=max_new_tokens, prompt_style=prompt_style, dev_path=dev_path,
         apply_chat_template=apply_chat_template, ref_checkpoint=ref_checkpoint,
-        length_normalize=length_normalize, contamination_of=contamination_of,
-        contamination_n=contamination_n, judge=judge, lm_eval=lm_eval,
+        reward_model=reward_model, length_normalize=length_normalize,
+        contamination_of=contamination_of, contamination_n=contamination_n, judge=judge,
+        lm_eval=lm_eval,
     )  # fmt: skip
     check_settings(settings)
     specs = parse_tasks(tasks)

@@ -55,6 +55,7 @@ class Settings:
     dev_path: Optional[Path] = None
     apply_chat_template: bool = False
     ref_checkpoint: Optional[Path] = None
+    reward_model: Optional[Path] = None
     length_normalize: bool = False
     contamination_of: Optional[list[Path]] = None
     contamination_n: int = 13

@@ -57,6 +57,9 @@ class Run:
     extra_eval: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None
     extra_metrics: tuple[str, ...] = ()
     early_stopping: Optional[EarlyStopping] = None
+    # Figures of the steps since the last log line (GRPO's rewards), logged with train_loss, and
+    # what the progress line shows of them.
+    step_metrics: Optional[Callable[[], tuple[dict[str, float], str]]] = None
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False  # set by `fit`: early stopping ended the run before max_steps
 
@@ -155,6 +158,9 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
                 moe_values, shown = moe_figures(model, router_total / world / accumulation)
                 if progress.skipped_steps:
                     shown += f" skipped {progress.skipped_steps}"
+                if run.step_metrics is not None:
+                    task_values, task_shown = run.step_metrics()
+                    moe_values, shown = moe_values | task_values, shown + task_shown
                 if log is not None:
                     log.log(
                         progress.step, tokens=progress.tokens, grad_norm=norm,
@@ -302,7 +308,8 @@ def finish_save(fabric, saver, run: Run) -> None:
 @torch.no_grad()
 def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> dict[str, float]:
     """{"val_loss": mean validation loss over the first eval.max_iters micro-batches of every
-    rank, **the task's extra figures}."""
+    rank, **the task's extra figures}; no val_loss when the task has no validation batches
+    (GRPO: its figures are the task's)."""
     model.eval()
     world, size = fabric.world_size, run.train.micro_batch_size
     n = len(run.val_data)
@@ -316,16 +323,19 @@ def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> dict[str,
         batch = fabric.to_device(run.val_data.get(range(start, stop)))
         totals[0] += run.objective(model, batch) * (stop - start)
         totals[1] += stop - start
-    totals = fabric.all_reduce(totals, reduce_op="sum")
-    val_loss = (totals[0] / totals[1]).item()
-    extra = run.extra_eval(model) if run.extra_eval else {}
+    figures = {}
+    if n > 0:
+        totals = fabric.all_reduce(totals, reduce_op="sum")
+        figures["val_loss"] = (totals[0] / totals[1]).item()
+    figures |= run.extra_eval(model) if run.extra_eval else {}
     if log is not None:
-        log.log(progress.step, tokens=progress.tokens, val_loss=val_loss, **extra)
-    extras = "".join(f", {k} {v:.4f}" for k, v in extra.items())
-    bar.write(f"step {progress.step}: val loss {fmt_loss(val_loss)}{extras}")
-    run.history.append({"step": progress.step, "val_loss": val_loss, **extra})
+        log.log(progress.step, tokens=progress.tokens, **figures)
+    shown = [f"val loss {fmt_loss(figures['val_loss'])}"] if n > 0 else []
+    shown += [f"{k} {v:.4f}" for k, v in figures.items() if k != "val_loss"]
+    bar.write(f"step {progress.step}: {', '.join(shown)}")
+    run.history.append({"step": progress.step, **figures})
     model.train()
-    return {"val_loss": val_loss, **extra}
+    return figures
 
 
 def count_tokens(batch: Batch) -> int | torch.Tensor:

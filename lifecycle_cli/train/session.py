@@ -84,6 +84,9 @@ class Task(Protocol):
     def extra_eval(self) -> Optional[Callable[[torch.nn.Module], dict[str, float]]]:
         """Extra figures measured at every evaluation (exact match, accuracy), or None."""
 
+    # Optional: `step_metrics() -> (figures, progress text)` of the steps since its last call,
+    # logged with each train_loss (columns named in extra_metrics).
+
     def finish(self, fabric, model: torch.nn.Module, final: Path) -> None:
         """Write final/ (all ranks call this: sharded weights are gathered collectively)."""
 
@@ -176,6 +179,7 @@ def run_session(
         extra_eval=extra_eval,
         extra_metrics=task.extra_metrics,
         early_stopping=rule,
+        step_metrics=getattr(task, "step_metrics", None),
     )
     progress = fit(fabric, model, optimizer, loop, progress)
     if progress.step < max_steps and not loop.stopped_early:

@@ -24,7 +24,7 @@ from lifecycle_cli.errors import UserError
 from lifecycle_cli.lora import LoRAArgs
 from lifecycle_cli.train.tasks.from_checkpoint import CheckpointTask, Method
 
-ObjectiveName = Literal["dpo", "ipo", "simpo", "orpo"]
+ObjectiveName = Literal["dpo", "ipo", "simpo", "orpo", "reward_model"]
 REFERENCE_FILE = "reference_logps.safetensors"
 
 
@@ -79,6 +79,7 @@ class PreferenceObjective:
             "ipo": f"beta {self.beta}{rpo}",
             "simpo": f"beta {self.beta}, gamma {self.gamma}",
             "orpo": f"weight {self.orpo_weight}",
+            "reward_model": "a scalar head, Bradley-Terry loss",
         }
         return f"{self.name} ({knobs[self.name]})"
 
