@@ -267,7 +267,7 @@ def write_html(out: Path, md: list[str], plots: list[Path]) -> None:
     """report.md as a self-contained page: tables as <table>, plots inlined as data URIs."""
     by_ref = {os.path.relpath(p, out): p for p in plots}
     body, table, code = [], [], False
-    for line in md + [""]:
+    for line in "\n".join(md).splitlines() + [""]:
         if line.startswith("|"):
             if "---" not in line:
                 cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])
