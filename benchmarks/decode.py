@@ -52,7 +52,7 @@ from litgpt.generate.base import generate
 torch.set_num_threads(int(sys.argv[3]))
 config = Config.from_name("pythia-14m")
 model = GPT(config)
-model.load_state_dict(torch.load(sys.argv[1]))
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
 model.eval()
 prompt = torch.tensor([int(t) for t in sys.argv[2].split(",")])
 model.max_seq_length = len(prompt) + int(sys.argv[4])

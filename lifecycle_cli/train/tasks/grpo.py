@@ -335,7 +335,7 @@ class GRPOTask(CheckpointTask):
         path = self.buffer_file
         if not path.is_file():
             return {}
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         return saved["buffer"] if saved["rollout"] == rollout else {}
 
     def log_completions(self, rollout: int, samples, totals: list[float]) -> None:
