@@ -15,10 +15,7 @@ from in_process import llmcycle_here
 from safetensors.torch import load_file
 
 from lifecycle_cli import LLM
-from lifecycle_cli.checkpoint import iter_tensors, save_checkpoint, weight_files
-from lifecycle_cli.config import Config
-from lifecycle_cli.model import GPT
-from lifecycle_cli.tokenizer import train_bpe
+from lifecycle_cli.checkpoint import iter_tensors, weight_files
 from lifecycle_cli.train.logs import read_metrics
 
 
@@ -30,23 +27,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny random-init checkpoint with a 512-token BPE."""
-    from pydoc_data.topics import topics
-
-    folder = tmp_path_factory.mktemp("base")
-    tok = train_bpe(None, 512, folder / "tok", texts=list(topics.values()))
-    config = Config(
-        name="tiny", block_size=128, vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4,
-        n_query_groups=2, intermediate_size=128, norm="rmsnorm", mlp="swiglu", bias=False,
-        tie_embeddings=True, hf_model_type="llama",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    save_checkpoint(folder / "ckpt", GPT(config), tokenizer_dir=folder / "tok")
-    return folder / "ckpt"
 
 
 def llmcycle(*args, cwd: Path) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifecycle_cli.checkpoint import iter_tensors, save_checkpoint, weight_files
+from lifecycle_cli.checkpoint import iter_tensors, weight_files
 from lifecycle_cli.cli import main
 from lifecycle_cli.config import Config
 from lifecycle_cli.model import GPT
@@ -27,25 +27,7 @@ from lifecycle_cli.objectives import (
     masked_token_mean,
     token_logps,
 )
-from lifecycle_cli.tokenizer import train_bpe
 from lifecycle_cli.train.logs import read_metrics
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny random-init checkpoint with a 512-token BPE."""
-    from pydoc_data.topics import topics
-
-    folder = tmp_path_factory.mktemp("base")
-    tok = train_bpe(None, 512, folder / "tok", texts=list(topics.values()))
-    config = Config(
-        name="tiny", block_size=128, vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4,
-        n_query_groups=2, intermediate_size=128, norm="rmsnorm", mlp="swiglu", bias=False,
-        tie_embeddings=True, hf_model_type="llama",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    save_checkpoint(folder / "ckpt", GPT(config), tokenizer_dir=folder / "tok")
-    return folder / "ckpt"
 
 
 @pytest.fixture(scope="module")
