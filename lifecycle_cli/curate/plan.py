@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
+from lifecycle_cli.gpus import PEAK_TFLOPS, peak_of
 
 if TYPE_CHECKING:
     from lifecycle_cli.lora import LoRAArgs
@@ -29,20 +30,6 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 # + about 8 for activations and temporary buffers = 24 bytes per parameter.
 RULE_OF_THUMB_TRAIN_BYTES = 24
 
-# Dense datasheet peaks in TFLOP/s: (bf16/fp16 tensor cores, tf32 for float32 training).
-GPU_TFLOPS = {
-    "B200": (2250.0, 1100.0),
-    "H200": (989.4, 494.7),
-    "H100": (989.4, 494.7),
-    "H800": (989.4, 494.7),
-    "A100": (312.0, 156.0),
-    "A10G": (125.0, 62.5),
-    "L40S": (362.0, 183.0),
-    "L4": (121.0, 60.0),
-    "V100": (125.0, 15.7),
-    "4090": (165.2, 82.6),
-    "MI300X": (1307.4, 653.7),
-}
 
 # Bytes per parameter of (weights, gradients, AdamW's two states) and per activation value,
 # as Lightning runs each precision: "-mixed" keeps float32 weights and autocasts the math.
@@ -294,13 +281,12 @@ def peak_flops(args: PlanArgs, precision: str) -> float:
             raise UserError(f"--plan.peak_tflops must be > 0, got {args.peak_tflops}")
         return args.peak_tflops * 1e12
     gpu = args.gpu.upper().removeprefix("NVIDIA ")
-    if gpu not in GPU_TFLOPS:
+    if gpu not in PEAK_TFLOPS:
         raise UserError(
-            f"--plan.gpu {args.gpu!r} is not in the table ({', '.join(GPU_TFLOPS)}); "
+            f"--plan.gpu {args.gpu!r} is not in the table ({', '.join(PEAK_TFLOPS)}); "
             "give its peak with --plan.peak_tflops"
         )
-    half, single = GPU_TFLOPS[gpu]
-    return (single if precision == "32-true" else half) * 1e12
+    return peak_of(gpu, half=precision != "32-true")
 
 
 @dataclass

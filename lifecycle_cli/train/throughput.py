@@ -9,18 +9,7 @@ from collections import deque
 import torch
 
 from lifecycle_cli.config import Config
-
-# Dense peak FLOP/s of known GPUs (bf16/fp16 tensor cores; tf32 for float32 training).
-GPU_PEAK = {
-    "H200": {"bf16": 989.4e12, "32": 494.7e12},
-    "H100": {"bf16": 989.4e12, "32": 494.7e12},
-    "A100": {"bf16": 312e12, "32": 156e12},
-    "L40S": {"bf16": 362e12, "32": 183e12},
-    "A10G": {"bf16": 125e12, "32": 62.5e12},
-    "L4": {"bf16": 121e12, "32": 60e12},
-    "4090": {"bf16": 165.2e12, "32": 82.6e12},
-}
-
+from lifecycle_cli.gpus import peak_of
 
 def n_params(config: Config, non_embedding: bool = True) -> int:
     with torch.device("meta"):
@@ -54,10 +43,9 @@ def peak_flops(device_type: str, precision: str) -> float:
     """Peak FLOP/s of one device: a table for known GPUs, a matmul probe otherwise."""
     half = "bf16" in precision or "16" in precision
     if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, peaks in GPU_PEAK.items():
-            if key in name:
-                return peaks["bf16" if half else "32"]
+        known = peak_of(torch.cuda.get_device_name(), half)
+        if known is not None:
+            return known
     return matmul_probe(device_type, torch.bfloat16 if half else torch.float32)
 
 
