@@ -148,7 +148,12 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if return_hidden:  # (B, T, n_embd), for a task head such as a classifier's
             return x
-        logits = self.lm_head(x)
+        return self.head(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (`return_hidden=True`) -> logits: what forward ends with, for
+        callers that need logits at a few positions only."""
+        logits = self.lm_head(hidden)
         if self.config.final_logit_softcapping is not None:
             logits = softcap(logits, self.config.final_logit_softcapping)
         return logits

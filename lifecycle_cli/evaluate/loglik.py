@@ -62,11 +62,14 @@ def score(
         idx = torch.zeros((len(rows), width), dtype=torch.long)
         for b, i in enumerate(rows):
             idx[b, : len(inputs[i])] = torch.tensor(inputs[i], dtype=torch.long)
-        logits = model(idx.to(device))
+        # Logits only where continuations are scored, a row at a time: a whole batch of
+        # them (8 x 2,048 x a 49k vocabulary) would be gigabytes.
+        hidden = model(idx.to(device), return_hidden=True)
         for b, i in enumerate(rows):
             cont = torch.tensor(list(requests[i][1]), dtype=torch.long, device=device)
             end = len(inputs[i])
-            logprobs = torch.log_softmax(logits[b, end - len(cont) : end].float(), dim=-1)
+            logits = model.head(hidden[b, end - len(cont) : end])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             picked = logprobs.gather(-1, cont[:, None])[:, 0]
             greedy = bool((logprobs.argmax(-1) == cont).all())
             out[i] = Scored(float(picked.sum()), greedy, len(cont))
