@@ -92,6 +92,7 @@ class GPT(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         *,
         logits_at: Optional[torch.Tensor] = None,
+        logits_where: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size).
@@ -105,6 +106,9 @@ class GPT(nn.Module):
 
         `logits_at` (B,) picks one index along T per row: the result is then (B, 1, vocab_size),
         only those positions go through the head (prefill needs just the last prompt token).
+        `logits_where` (B, T) bool gives the logits of the True positions only, as (N, vocab_size)
+        in row-major order: finetuning scores the response tokens and skips the head (and its
+        B x T x vocab_size logits) everywhere else.
         """
         T = idx.size(1)
         masks = None
@@ -145,6 +149,8 @@ class GPT(nn.Module):
             x = block(x, ropes.get(block.attn.rope_kind), input_pos, masks)
         if logits_at is not None:
             x = x[torch.arange(x.size(0), device=x.device), logits_at].unsqueeze(1)
+        elif logits_where is not None:
+            x = x[logits_where]
         x = self.ln_f(x)
         if return_hidden:  # (B, T, n_embd), for a task head such as a classifier's
             return x

@@ -13,11 +13,11 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor
 
 
 def masked_sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the tokens whose label is not -100 (the response, by default)."""
-    logits = model(batch["input_ids"])
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
-    )
+    """Mean cross-entropy over the tokens whose label is not -100 (the response, by default);
+    the head runs on those positions only."""
+    scored = batch["labels"] != -100
+    logits = model(batch["input_ids"], logits_where=scored)
+    return F.cross_entropy(logits.float(), batch["labels"][scored])
 
 
 # ---------------------------------------------------------------------------------------------
