@@ -37,11 +37,12 @@ def response_logps(
 
 def token_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
     """(B, T) log-probability of each label token given the tokens before it (0 where the
-    label is -100)."""
-    logits = model(input_ids)
-    return -F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
-    ).view(labels.shape)
+    label is -100); the head runs on the labelled positions only."""
+    scored = labels != -100
+    logits = model(input_ids, logits_where=scored)
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    out[scored] = -F.cross_entropy(logits.float(), labels[scored], reduction="none")
+    return out
 
 
 def dpo_loss(

@@ -88,9 +88,10 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits, self.calls = logits, []
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, logits_where=None) -> torch.Tensor:
         self.calls.append(idx.shape[0])
-        return self.logits[: idx.shape[0], : idx.shape[1]]
+        logits = self.logits[: idx.shape[0], : idx.shape[1]]
+        return logits if logits_where is None else logits[logits_where]  # as GPT.forward
 
 
 def test_response_logps_sum_only_the_unmasked_tokens_in_one_forward():
