@@ -98,8 +98,8 @@ def run_session(
     """Train `task` to the end (or to a SIGINT/SIGTERM: exit 130 after saving a step folder)."""
     import torch
 
-    from lifecycle_cli.train.early_stopping import EarlyStopping
     from lifecycle_cli.lora import has_lora
+    from lifecycle_cli.train.early_stopping import EarlyStopping
     from lifecycle_cli.train.fabric import (
         data_parallel,
         is_sharded,
@@ -160,6 +160,7 @@ def run_session(
     progress = load_step(fabric, resume_from, model, optimizer) if resume_from else Progress()
 
     max_steps = train.total_steps(len(train_data), seq_length)
+    layout = f" ({data_parallel(fabric)[1]} data-parallel x {run.tensor_parallel} tensor-parallel)"
     if fabric.global_rank == 0:
         import yaml
 
@@ -171,8 +172,7 @@ def run_session(
         fabric.print(
             f"Training {max_steps} steps x {train.global_batch_size} samples on "
             f"{fabric.world_size} device(s)"
-            + (f" ({data_parallel(fabric)[1]} data-parallel x {run.tensor_parallel} tensor-parallel)"
-               if run.tensor_parallel > 1 else "")
+            + (layout if run.tensor_parallel > 1 else "")
             + (f", resuming at step {progress.step} from {resume_from}" if resume_from else "")
         )
 
