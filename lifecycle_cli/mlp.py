@@ -78,7 +78,9 @@ class MoE(nn.Module):
         # Every (token, slot) pair sorted by expert: each expert runs on one contiguous slice.
         order = chosen.flatten().argsort(stable=True)
         pieces = x.index_select(0, order // self.k).split(counts.tolist())  # one host sync
-        out = torch.cat([e(p) if p.size(0) else p for e, p in zip(self.experts, pieces)])
+        # Every expert runs, on no tokens too: its gradient is then zero, not None, so sharded
+        # ranks (FSDP2 reduce-scatter, tensor-parallel all-reduce) agree on what they exchange.
+        out = torch.cat([e(p) for e, p in zip(self.experts, pieces)])
         out = torch.zeros_like(out).index_copy(0, order, out)  # back to (token, slot) order
         y = (out.view(-1, self.k, shape[-1]) * weights[..., None]).sum(dim=1)
         return y.view(shape)

@@ -176,7 +176,9 @@ class GPT(nn.Module):
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
         for block in self.blocks:
-            block.attn.kv_cache = KVCache(self.config, batch_size, max_seq_length, device, dtype)
+            block.attn.kv_cache = KVCache(
+                self.config, batch_size, max_seq_length, device, dtype, block.attn.n_kv
+            )
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
@@ -223,7 +225,10 @@ class GPT(nn.Module):
         afterwards it is copied into rows `rows` of the KV cache (a prefill of new requests
         into free slots that need not be next to each other)."""
         caches = [block.attn.kv_cache for block in self.blocks]
-        scratch = [KVCache(self.config, len(rows), length, c.k.device, c.k.dtype) for c in caches]
+        scratch = [
+            KVCache(self.config, len(rows), length, c.k.device, c.k.dtype, c.k.size(1))
+            for c in caches
+        ]
         for block, cache in zip(self.blocks, scratch):
             block.attn.kv_cache = cache
         try:
@@ -391,8 +396,12 @@ class KVCache:
     step for every layer (cheap on a plain object, not on a module).
     """
 
-    def __init__(self, config: Config, batch_size: int, max_len: int, device, dtype) -> None:
-        shape = (batch_size, config.n_query_groups, max_len, config.head_size)
+    def __init__(
+        self, config: Config, batch_size: int, max_len: int, device, dtype,
+        n_kv: Optional[int] = None,
+    ) -> None:  # fmt: skip
+        """`n_kv`: the key/value heads this rank holds (tensor parallel: a share of them)."""
+        shape = (batch_size, n_kv or config.n_query_groups, max_len, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.all_positions = torch.arange(max_len, device=device)
@@ -424,7 +433,7 @@ class KVCache:
 
     def resized(self, config: Config, batch_size: int, max_len: int) -> KVCache:
         """A new cache of this shape holding what this one holds (rows and positions that fit)."""
-        new = KVCache(config, batch_size, max_len, self.k.device, self.k.dtype)
+        new = KVCache(config, batch_size, max_len, self.k.device, self.k.dtype, self.k.size(1))
         b, n = min(batch_size, self.batch_size), min(max_len, self.max_len)
         new.k[:b, :, :n].copy_(self.k[:b, :, :n])
         new.v[:b, :, :n].copy_(self.v[:b, :, :n])

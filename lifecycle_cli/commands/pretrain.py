@@ -41,6 +41,7 @@ def pretrain(
     compile: bool = False,
     activation_checkpointing: bool = False,
     fp8: bool = False,
+    tensor_parallel: int = 1,
     dry_run: bool = False,
     plan: PlanArgs = PlanArgs(),
 ) -> None:

@@ -134,6 +134,8 @@ RUN_FLAGS_HELP = """
         devices: Devices (processes on CPU) per node.
         num_nodes: Machines; launch one process per node the way Fabric/torchrun does.
         strategy: auto (one device or DDP), ddp, or fsdp (FSDP2, sharded).
+        tensor_parallel: Shard each block's attention heads and MLP over this many devices
+            (FSDP2 over the data-parallel rest: devices x num_nodes = data x tensor parallel).
         precision: 32-true, bf16-mixed, bf16-true, 16-mixed (CUDA only) (default: bf16-mixed on
             a GPU that supports it, else 32-true). The mixed modes keep fp32 weights, optimizer
             state and (FSDP) gradient reductions.

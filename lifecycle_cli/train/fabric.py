@@ -1,7 +1,9 @@
-"""Lightning Fabric set-up: devices, strategies (DDP, FSDP2), precision, the optimizer.
+"""Lightning Fabric set-up: devices, strategies (DDP, FSDP2, FSDP2 x tensor parallel),
+precision, the optimizer.
 
-The model knows nothing of parallelism; `parallelize` applies FSDP2 from outside, the torchtitan
-way, through Fabric's ModelParallelStrategy (which also runs on CPU with gloo).
+The model knows nothing of parallelism; `parallelize` applies tensor parallelism and FSDP2 from
+outside, the torchtitan way, through Fabric's ModelParallelStrategy (which also runs on CPU with
+gloo) and its 2-D device mesh (data_parallel, tensor_parallel).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def setup_fabric(
     precision: Optional[str],
     activation_checkpointing: bool = False,
     fp8: bool = False,
+    tensor_parallel: int = 1,
 ):
     """A launched Fabric. On CPU `devices` is the number of processes (gloo)."""
     import lightning as L
@@ -87,15 +90,29 @@ def setup_fabric(
     precision = choose_precision(precision, accelerator)
     if fp8:
         check_fp8(accelerator)
-    if strategy == "fsdp":
+    tp = tensor_parallel
+    if tp < 1:
+        raise UserError(f"--tensor_parallel {tp} must be at least 1")
+    if tp > 1 and strategy not in ("auto", "fsdp"):
+        raise UserError(
+            f"--tensor_parallel applies to --strategy fsdp (FSDP2 x tensor parallel), "
+            f"not --strategy {strategy}"
+        )
+    if strategy == "fsdp" or tp > 1:
         n = devices if isinstance(devices, int) else torch.cuda.device_count() or 1
+        world = n * num_nodes
+        if world % tp:
+            raise UserError(
+                f"--tensor_parallel {tp} does not divide the {world} device(s) "
+                f"(--devices {devices} x --num_nodes {num_nodes})"
+            )
         policy = mixed_precision_policy(precision)
         chosen = ModelParallelStrategy(
             parallelize_fn=lambda model, mesh: parallelize(
                 model, mesh, activation_checkpointing, policy
             ),
-            data_parallel_size=n * num_nodes,
-            tensor_parallel_size=1,
+            data_parallel_size=world // tp,
+            tensor_parallel_size=tp,
         )
     elif strategy in ("auto", "ddp"):
         n = devices if isinstance(devices, int) else 1
@@ -119,10 +136,15 @@ def setup_fabric(
 def parallelize(
     model: GPT, device_mesh, activation_checkpointing: bool = False, policy=None
 ) -> GPT:
-    """FSDP2: shard each Block, then the rest of the model, over the data-parallel mesh (in
-    `policy`'s mixed precision, if any)."""
+    """Tensor parallelism over the mesh's tensor-parallel ranks (if more than one), then FSDP2:
+    shard each Block, then the rest of the model, over the data-parallel mesh (in `policy`'s
+    mixed precision, if any)."""
     from torch.distributed.fsdp import fully_shard
 
+    if device_mesh["tensor_parallel"].size() > 1:
+        from lifecycle_cli.train.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, device_mesh["tensor_parallel"])
     mesh = device_mesh["data_parallel"]
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -136,6 +158,48 @@ def parallelize(
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
     return model
+
+
+def data_parallel(fabric) -> tuple[int, int]:
+    """(this rank's data-parallel index, the data-parallel size): the ranks of one
+    tensor-parallel group read the same batches."""
+    if is_sharded(fabric):
+        mesh = fabric.strategy.device_mesh["data_parallel"]
+        return mesh.get_local_rank(), mesh.size()
+    return fabric.global_rank, fabric.world_size
+
+
+def tensor_parallel_size(fabric) -> int:
+    return fabric.strategy.device_mesh["tensor_parallel"].size() if is_sharded(fabric) else 1
+
+
+def clip_gradients(fabric, model, optimizer, max_norm: float) -> torch.Tensor:
+    """Clip the gradient norm (math.inf: only measure it); return the norm before clipping.
+
+    Under tensor parallelism some gradients are DTensors on the 2-D mesh (the sharded
+    linears) and the rest on the data-parallel mesh only, which torch's `clip_grad_norm_`
+    cannot stack: each mesh's norm is reduced on its own, then they are combined.
+    """
+    if tensor_parallel_size(fabric) == 1:
+        norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    fabric.strategy.precision.unscale_gradients(optimizer)
+    groups: dict = {}
+    for param in model.parameters():
+        if param.grad is not None:
+            mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+            groups.setdefault(mesh, []).append(param)
+    squares = []
+    for params in groups.values():
+        norm = get_total_norm([p.grad for p in params], error_if_nonfinite=False)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total = torch.stack(squares).sum().sqrt()
+    for params in groups.values():
+        clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def is_sharded(fabric) -> bool:

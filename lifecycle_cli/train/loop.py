@@ -6,7 +6,8 @@ clipping, the LR schedule, evaluation, checkpoints, exact resume, logging and th
 
 Sample indices are global: optimizer step s consumes samples [s*G, (s+1)*G) of the data's
 endless stream, and rank r takes its contiguous share of them. So the data position is a single
-integer and a run on W devices sees exactly the batches a run on one device sees.
+integer and a run on W devices sees exactly the batches a run on one device sees. Under tensor
+parallelism "rank" is the data-parallel index: the ranks of a tensor-parallel group share a batch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lifecycle_cli.mlp import expert_load, moe_layers, router_loss
 from lifecycle_cli.train.args import EvalArgs, TrainArgs
 from lifecycle_cli.train.data import Batch, TrainData
 from lifecycle_cli.train.early_stopping import EarlyStopping
+from lifecycle_cli.train.fabric import clip_gradients, data_parallel
 from lifecycle_cli.train.guards import count_spike, is_spike, past_skipped, rollback_folder
 from lifecycle_cli.train.logs import MetricsLog, ProgressBar, fmt_loss, plot_losses
 from lifecycle_cli.train.prefetch import Prefetcher
@@ -71,8 +73,9 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
     The session has the task write final/ (merged LoRA, a classifier head, ...).
     """
     args, world = run.train, fabric.world_size
-    accumulation = args.accumulation(world)
-    per_rank = args.global_batch_size // world
+    dp_rank, dp_size = data_parallel(fabric)
+    accumulation = args.accumulation(dp_size)
+    per_rank = args.global_batch_size // dp_size
     log = None
     moe = bool(moe_layers(model))  # a mixture of experts: router loss and expert load logged
     if rank0(fabric):
@@ -96,7 +99,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
                 group["lr"] = lr
             model.train()
             step_samples = progress.samples
-            first = step_samples + fabric.global_rank * per_rank
+            first = step_samples + dp_rank * per_rank
             loss_sum = torch.zeros((), device=fabric.device)
             router_sum = torch.zeros((), device=fabric.device)
             tokens = torch.zeros((), device=fabric.device, dtype=torch.long)
@@ -116,11 +119,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
                 tokens += count_tokens(batch)
             # The gradient norm is needed even without clipping: a non-finite one skips the step.
             max_norm = math.inf if args.max_norm is None else args.max_norm
-            grad_norm = fabric.clip_gradients(
-                model, optimizer, max_norm=max_norm, error_if_nonfinite=False
-            )
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = clip_gradients(fabric, model, optimizer, max_norm)
             saved = torch.tensor(float(saver is None or saver.done()))
             signalled = torch.tensor(float(stop.flag))
             parts = (loss_sum / accumulation, grad_norm, tokens, router_sum, saved, signalled)
@@ -138,7 +137,7 @@ def fit(fabric, model, optimizer, run: Run, progress: Progress) -> Progress:
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             progress.samples += args.global_batch_size
-            step_tokens = int(token_total)
+            step_tokens = int(token_total) * dp_size // world  # counted once per TP group
             progress.tokens += step_tokens
             speed.step(step_tokens)
             if not finite:
@@ -311,12 +310,12 @@ def evaluate(fabric, model, run: Run, progress: Progress, log, bar) -> dict[str,
     rank, **the task's extra figures}; no val_loss when the task has no validation batches
     (GRPO: its figures are the task's)."""
     model.eval()
-    world, size = fabric.world_size, run.train.micro_batch_size
+    (dp_rank, world), size = data_parallel(fabric), run.train.micro_batch_size
     n = len(run.val_data)
     if run.eval.max_iters is not None:
         n = min(n, run.eval.max_iters * size * world)
     per_rank = n // world  # equal on every rank: sharded models run collectives per forward
-    first = fabric.global_rank * per_rank
+    first = dp_rank * per_rank
     totals = torch.zeros(2, device=fabric.device)
     for start in range(first, first + per_rank, size):
         stop = min(start + size, first + per_rank)

@@ -46,6 +46,7 @@ class RunFlags:
     compile: bool = False
     activation_checkpointing: bool = False
     fp8: bool = False
+    tensor_parallel: int = 1
 
     @classmethod
     def pick(cls, flags: dict[str, Any]) -> RunFlags:
@@ -97,11 +98,19 @@ def run_session(
     """Train `task` to the end (or to a SIGINT/SIGTERM: exit 130 after saving a step folder)."""
     import torch
 
+    from lifecycle_cli.lora import has_lora
     from lifecycle_cli.train.early_stopping import EarlyStopping
-    from lifecycle_cli.train.fabric import is_sharded, make_optimizer, setup_fabric, to_float8
+    from lifecycle_cli.train.fabric import (
+        data_parallel,
+        is_sharded,
+        make_optimizer,
+        setup_fabric,
+        to_float8,
+    )
     from lifecycle_cli.train.logs import check_logger
     from lifecycle_cli.train.loop import Run, fit
     from lifecycle_cli.train.state import Progress, find_resume, load_step
+    from lifecycle_cli.train.tensor_parallel import check_tensor_parallel
     from lifecycle_cli.train.throughput import flops_per_token
 
     if run.activation_checkpointing and run.strategy != "fsdp":
@@ -119,13 +128,14 @@ def run_session(
     resume_from = find_resume(run.resume, out_dir)
     fabric = setup_fabric(
         run.devices, run.num_nodes, run.strategy, run.precision, run.activation_checkpointing,
-        run.fp8,
+        run.fp8, run.tensor_parallel,
     )  # fmt: skip
-    train.validate(fabric.world_size)
+    train.validate(data_parallel(fabric)[1])
     task.check(fabric)
     fabric.seed_everything(run.seed, verbose=False)
 
     config = task.configure(fabric)
+    check_tensor_parallel(config, run.tensor_parallel)
     seq_length = train.seq_length(config.block_size)
     # Rank 0 tokenizes (and caches); the others then read what it wrote.
     if fabric.global_rank == 0:
@@ -135,6 +145,8 @@ def run_session(
         train_data, val_data = task.data(seq_length, run.seed)
 
     model = task.model(fabric, seq_length)
+    if run.tensor_parallel > 1 and has_lora(model):
+        raise UserError("--tensor_parallel does not shard LoRA adapters yet; use --strategy fsdp")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if run.fp8:
         model = to_float8(model)
@@ -148,6 +160,7 @@ def run_session(
     progress = load_step(fabric, resume_from, model, optimizer) if resume_from else Progress()
 
     max_steps = train.total_steps(len(train_data), seq_length)
+    layout = f" ({data_parallel(fabric)[1]} data-parallel x {run.tensor_parallel} tensor-parallel)"
     if fabric.global_rank == 0:
         import yaml
 
@@ -159,6 +172,7 @@ def run_session(
         fabric.print(
             f"Training {max_steps} steps x {train.global_batch_size} samples on "
             f"{fabric.world_size} device(s)"
+            + (layout if run.tensor_parallel > 1 else "")
             + (f", resuming at step {progress.step} from {resume_from}" if resume_from else "")
         )
 

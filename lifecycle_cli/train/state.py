@@ -214,8 +214,10 @@ def full_state_dict(fabric, model) -> dict[str, torch.Tensor]:
         return unwrap(model).state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from lifecycle_cli.train.tensor_parallel import merge_qkv
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(unwrap(model), options=options)
+    return merge_qkv(get_model_state_dict(unwrap(model), options=options))
 
 
 def load_step(fabric, folder: Path, model, optimizer) -> Progress:
