@@ -104,7 +104,8 @@ class GPT(nn.Module):
         own position, so what a shorter row left there is never read).
 
         `logits_at` (B,) picks one index along T per row: the result is then (B, 1, vocab_size),
-        only those positions go through the head (prefill needs just the last prompt token).
+        only those positions go through the head (prefill needs just the last prompt token);
+        (B, K) picks K per row: (B, K, vocab_size) (scoring responses, not their prompts).
         """
         T = idx.size(1)
         masks = None
@@ -144,7 +145,11 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, ropes.get(block.attn.rope_kind), input_pos, masks)
         if logits_at is not None:
-            x = x[torch.arange(x.size(0), device=x.device), logits_at].unsqueeze(1)
+            rows = torch.arange(x.size(0), device=x.device)
+            if logits_at.dim() == 1:
+                x = x[rows, logits_at].unsqueeze(1)
+            else:
+                x = x[rows[:, None], logits_at]
         x = self.ln_f(x)
         if return_hidden:  # (B, T, n_embd), for a task head such as a classifier's
             return x

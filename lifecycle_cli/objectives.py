@@ -37,11 +37,22 @@ def response_logps(
 
 def token_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
     """(B, T) log-probability of each label token given the tokens before it (0 where the
-    label is -100)."""
-    logits = model(input_ids)
-    return -F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
-    ).view(labels.shape)
+    label is -100). Only each row's span from its first to its last label goes through the LM
+    head: with a large vocabulary the head is most of the work, and a prompt needs none of it
+    (GRPO: a few completion tokens after each prompt)."""
+    labelled = labels != -100
+    T = labels.size(1)
+    index = torch.arange(T, device=labels.device).expand_as(labels)
+    first = torch.where(labelled, index, T).amin(1).clamp(max=T - 1)
+    last = torch.where(labelled, index, -1).amax(1)
+    span = torch.arange(max(int((last - first).max()) + 1, 1), device=labels.device)
+    cols = (first[:, None] + span).clamp(max=T - 1)
+    picked = torch.where(span <= (last - first)[:, None], labels.gather(1, cols), -100)
+    logits = model(input_ids, logits_at=cols)
+    logps = -F.cross_entropy(
+        logits.flatten(0, 1).float(), picked.flatten(), ignore_index=-100, reduction="none"
+    ).view(picked.shape)
+    return torch.zeros_like(logps[:, :1]).expand(-1, T).scatter_add(1, cols, logps)
 
 
 def dpo_loss(
