@@ -15,7 +15,8 @@ first use with torch==2.13.0 and TRL from the package index).
 
 Seconds per step: the median wall time of one optimizer step, rollout included (TRL: between a
 callback's `on_step_end` calls; llmcycle: metrics.csv's tokens over tokens_per_sec, logged every
-step), the first WARMUP steps left out. The two sides alternate ROUNDS times, so load from other jobs falls on both.
+step), the first WARMUP steps left out. The two sides alternate ROUNDS times, so load from
+other jobs falls on both.
 """
 
 from __future__ import annotations
@@ -153,17 +154,25 @@ def run_trl(hf_dir: Path, prompts: Path, out: Path, steps: int, threads: int) ->
                    capture_output=True)  # fmt: skip
     result = json.loads(out.read_text())
     ends = result["ends"]
-    return {"sec": per_step([b - a for a, b in zip([result["start"], *ends], ends)]), "length": statistics.mean(result["lengths"])}
+    return {
+        "sec": per_step([b - a for a, b in zip([result["start"], *ends], ends)]),
+        "length": statistics.mean(result["lengths"]),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.grpo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.grpo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", type=Path, required=True, help="an llmcycle checkpoint")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--keep", type=Path, help="work here and keep the runs (default: a temp dir)")
+    parser.add_argument(
+        "--keep", type=Path, help="work here and keep the runs (default: a temp dir)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
