@@ -197,13 +197,14 @@ def main() -> None:
     print(f"GRPO step: {PROMPTS} prompts x {G} completions, <= {NEW_TOKENS} new tokens, fp32, "
           f"{args.threads} thread(s), {args.steps} steps ({WARMUP} warm-up), {args.rounds} "
           "rounds alternating")  # fmt: skip
-    print(f"{'':10} {'s/step':>8} {'completion tokens':>18}")
-    sec = {}
-    for name, rows in times.items():
-        sec[name] = statistics.median(x["sec"] for x in rows)
-        length = statistics.mean(x["length"] for x in rows)
-        print(f"{name:10} {sec[name]:8.3f} {length:18.2f}")
-    print(f"llmcycle is {sec['TRL'] / sec['llmcycle']:.2f}x TRL's speed")
+    print(f"{'round':6} {'llmcycle s/step':>16} {'TRL s/step':>11} {'ratio':>6}")
+    ratios = []
+    for r, (ours, trl) in enumerate(zip(times["llmcycle"], times["TRL"])):
+        ratios.append(trl["sec"] / ours["sec"])
+        print(f"{r + 1:<6} {ours['sec']:16.3f} {trl['sec']:11.3f} {ratios[-1]:6.2f}")
+    lengths = {k: statistics.mean(x["length"] for x in v) for k, v in times.items()}
+    print(f"completion tokens: llmcycle {lengths['llmcycle']:.2f}, TRL {lengths['TRL']:.2f}")
+    print(f"llmcycle is {statistics.median(ratios):.2f}x TRL's speed (median over rounds)")
 
 
 if __name__ == "__main__":
