@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 NOT_WORKLOADS = {  # minutes each, run on their own
-    "harness", "__main__", "recipes", "real_check", "gguf_check", "gguf_llamacpp",
+    "harness", "__main__", "recipes", "real_check", "gguf_check", "gguf_llamacpp", "grpo",
 }  # fmt: skip
 
 

@@ -108,6 +108,22 @@ def test_response_logps_sum_only_the_unmasked_tokens_in_one_forward():
     assert model.calls == [4]  # chosen and rejected rows together
 
 
+def test_token_logps_equal_the_full_logits_ones_though_only_labelled_positions_reach_the_head():
+    from lifecycle_cli.config import Config
+    from lifecycle_cli.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(Config(name="t", block_size=16, vocab_size=50, n_layer=2, n_embd=32, n_head=2,
+                       n_query_groups=1, intermediate_size=64))  # fmt: skip
+    ids = torch.randint(0, 50, (4, 10))
+    labels = torch.full((4, 10), -100)
+    labels[0, 4:7], labels[1, 1:9], labels[2, [6, 8]] = ids[0, 5:8], ids[1, 2:10], 3
+    full = torch.nn.functional.cross_entropy(
+        model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+    )
+    torch.testing.assert_close(o.token_logps(model, ids, labels), -full.view(4, 10))
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from pydoc_data.topics import topics
