@@ -186,7 +186,7 @@ class PreferenceTask(CheckpointTask):
         """token ids -> the reference's logits (no gradient)."""
         fabric = self.fabric
 
-        def forward(idx):
+        def forward(idx, **kwargs):  # kwargs: GPT.forward's (token_logps passes logits_at)
             import torch
 
             from lifecycle_cli.lora import adapters_disabled
@@ -194,9 +194,9 @@ class PreferenceTask(CheckpointTask):
             with torch.no_grad():
                 if self.reference is not None:
                     with fabric.autocast():
-                        return self.reference(idx)
+                        return self.reference(idx, **kwargs)
                 with adapters_disabled(model):
-                    return model(idx)
+                    return model(idx, **kwargs)
 
         return forward
 
