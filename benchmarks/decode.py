@@ -24,12 +24,11 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import Row
+from benchmarks.harness import Row, venv_python
 
 THREADS = int(os.environ.get("DECODE_THREADS", "1"))
 PROMPT_TOKENS = 16
@@ -70,16 +69,6 @@ for line in sys.stdin:
 """
 
 
-def litgpt_python() -> Path:
-    python = LITGPT_VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(LITGPT_VENV)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: the CPU wheel
-        subprocess.run([*pip, LITGPT], check=True)
-    return python
-
-
 class LitGPTSide:
     """LitGPT's `generate` in its own process, timed one call per request."""
 
@@ -96,7 +85,7 @@ class LitGPTSide:
         (workdir / "worker.py").write_text(LITGPT_WORKER)
         args = [str(workdir / "lit_model.pth"), ",".join(map(str, prompt)), str(THREADS), str(LONG)]
         self.proc = subprocess.Popen(
-            [str(litgpt_python()), str(workdir / "worker.py"), *args],
+            [str(venv_python(LITGPT_VENV, LITGPT)), str(workdir / "worker.py"), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env={**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": ""},
         )  # fmt: skip

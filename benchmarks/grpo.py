@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness import venv_python
+
 REPO = Path(__file__).resolve().parents[1]
 TRL = "trl==1.16.0"
 TRL_VENV = Path(
@@ -90,16 +92,6 @@ json.dump({"start": clock.start, "ends": clock.ends, "lengths": clock.lengths,
 """
 
 
-def trl_python() -> Path:
-    python = TRL_VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: the CPU wheel
-        subprocess.run([*pip, TRL], check=True)
-    return python
-
-
 def per_step(seconds: list[float]) -> float:
     return statistics.median(seconds[WARMUP:])
 
@@ -150,7 +142,8 @@ def run_trl(hf_dir: Path, prompts: Path, out: Path, steps: int, threads: int) ->
     worker.write_text(TRL_WORKER)
     args = [str(hf_dir), str(prompts), str(steps), str(out), str(PROMPTS), str(G),
             str(NEW_TOKENS), str(LR), str(SEED)]  # fmt: skip
-    subprocess.run([str(trl_python()), str(worker), *args], check=True, env=env(threads),
+    python = venv_python(TRL_VENV, TRL)
+    subprocess.run([str(python), str(worker), *args], check=True, env=env(threads),
                    capture_output=True)  # fmt: skip
     result = json.loads(out.read_text())
     ends = result["ends"]
@@ -183,7 +176,7 @@ def main() -> None:
              str(hf_dir)], check=True, capture_output=True, env=env(args.threads),
         )  # fmt: skip
         write_prompts(prompts, PROMPTS * args.steps)
-        trl_python()
+        venv_python(TRL_VENV, TRL)
         times: dict[str, list[dict]] = {"llmcycle": [], "TRL": []}
         for r in range(args.rounds):
             start = time.perf_counter()

@@ -34,6 +34,18 @@ class Row:
     config: dict = field(default_factory=dict)
 
 
+def venv_python(venv: Path, package: str) -> Path:
+    """The python of a benchmark-only virtual environment with `package` (LitGPT, TRL), created
+    on first use with the CPU torch wheel first, so the package does not pull a CUDA build."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, package], check=True)
+    return python
+
+
 def workloads() -> list[str]:
     """Every module in benchmarks/ that is a workload (has `run`), by name."""
     names = sorted(m.name for m in pkgutil.iter_modules([str(HERE)]) if not m.ispkg)
