@@ -11,6 +11,7 @@ import torch
 from lifecycle_cli.config import Config
 from lifecycle_cli.gpus import peak_of
 
+
 def n_params(config: Config, non_embedding: bool = True) -> int:
     with torch.device("meta"):
         from lifecycle_cli.model import GPT
