@@ -4,6 +4,7 @@ the conversation fitted into the context."""
 from __future__ import annotations
 
 import sys
+import time
 import types
 from pathlib import Path
 from pydoc_data.topics import topics
@@ -105,6 +106,7 @@ def scripted(self, idx, input_pos=None, *, logits_at=None):
         state["script"] = tok.encode(f"#{len(users) - 1}: {last.upper()} 中文 ✓") + [END]
         state["step"] = 0
     elif state["step"] == 4:
+        (gate / f"stuck{state['replies']}").touch()  # the test interrupts only from here on
         while not (gate / str(state["replies"])).exists():
             time.sleep(0.005)
     out = torch.full_like(logits[:, -1:], -10.0)
@@ -155,6 +157,7 @@ def test_chat_in_a_terminal_streams_keeps_history_resets_and_exits(checkpoint, t
         child.expect_exact(">> Prompt: ")
         child.sendline("stop me")
         child.expect_exact(">> Reply: #2")
+        wait_until((gate / "stuck4").exists)  # a Ctrl-C a few tokens earlier tests another moment
         child.sendintr()
         child.expect_exact("(reply stopped)")
         turn("still here", 5, "#3: STILL HERE 中文 ✓")
@@ -165,6 +168,13 @@ def test_chat_in_a_terminal_streams_keeps_history_resets_and_exits(checkpoint, t
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before
+
+
+def wait_until(condition, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("key", ["ctrl-d", "empty line"])
