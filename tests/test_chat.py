@@ -81,7 +81,7 @@ def checkpoint(tmp_path_factory):
 # token the model has been fed (so a lost turn or a wrong cache shows). The 5th token of reply N
 # waits until the test creates the file <gate>/N: text shown before that was streamed.
 CHILD = r"""
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import torch
 from lifecycle_cli import model as model_module
@@ -89,6 +89,9 @@ from lifecycle_cli.cli import main
 from lifecycle_cli.tokenizer import Tokenizer
 
 ckpt, gate = Path(sys.argv[1]), Path(sys.argv[2])
+# A suite started in the background by a shell without job control runs with SIGINT ignored,
+# which this child would inherit: Ctrl-C must reach it as it reaches a chat in a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 tok = Tokenizer(ckpt)
 END = tok.token_to_id("<|im_end|>")
 forward = model_module.GPT.forward
