@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
-from lifecycle_cli.gpus import PEAK_TFLOPS, peak_of
+from lifecycle_cli.gpus import PEAK_TFLOPS
 
 if TYPE_CHECKING:
     from lifecycle_cli.lora import LoRAArgs
@@ -286,7 +286,8 @@ def peak_flops(args: PlanArgs, precision: str) -> float:
             f"--plan.gpu {args.gpu!r} is not in the table ({', '.join(PEAK_TFLOPS)}); "
             "give its peak with --plan.peak_tflops"
         )
-    return peak_of(gpu, half=precision != "32-true")
+    half, single = PEAK_TFLOPS[gpu]
+    return (single if precision == "32-true" else half) * 1e12
 
 
 @dataclass

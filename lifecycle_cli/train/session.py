@@ -130,7 +130,8 @@ def run_session(
         run.devices, run.num_nodes, run.strategy, run.precision, run.activation_checkpointing,
         run.fp8, run.tensor_parallel,
     )  # fmt: skip
-    train.validate(data_parallel(fabric)[1])
+    dp_size = data_parallel(fabric)[1]
+    train.validate(dp_size)
     task.check(fabric)
     fabric.seed_everything(run.seed, verbose=False)
 
@@ -160,7 +161,6 @@ def run_session(
     progress = load_step(fabric, resume_from, model, optimizer) if resume_from else Progress()
 
     max_steps = train.total_steps(len(train_data), seq_length)
-    layout = f" ({data_parallel(fabric)[1]} data-parallel x {run.tensor_parallel} tensor-parallel)"
     if fabric.global_rank == 0:
         import yaml
 
@@ -172,7 +172,11 @@ def run_session(
         fabric.print(
             f"Training {max_steps} steps x {train.global_batch_size} samples on "
             f"{fabric.world_size} device(s)"
-            + (layout if run.tensor_parallel > 1 else "")
+            + (
+                f" ({dp_size} data-parallel x {run.tensor_parallel} tensor-parallel)"
+                if run.tensor_parallel > 1
+                else ""
+            )
             + (f", resuming at step {progress.step} from {resume_from}" if resume_from else "")
         )
 
