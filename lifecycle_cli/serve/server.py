@@ -108,9 +108,26 @@ def build_server(
         middlewares=middlewares, model_metadata={"model": info.name, "context": info.context},
     )  # fmt: skip
     server.uvicorn_graceful_timeout = SHUTDOWN_GRACE_S
+    _stop_monitor_first(server)
     Front(server, info).mount(server.app)
     server.setup_errors = api.setup_errors
     return server
+
+
+def _stop_monitor_first(server: ls.LitServer) -> None:
+    """LitServe's worker-monitor thread polls a manager-held shutdown event that a Ctrl+C or
+    SIGTERM shutdown never sets: it went on polling while the shutdown stopped the workers and
+    the manager, and logged their deaths and a "Connection reset by peer" traceback. Before the
+    shutdown, hand it an event already set, which it reads without the manager."""
+    shutdown = server._perform_graceful_shutdown
+
+    def perform(*args: Any, **kwargs: Any) -> None:
+        stopped = threading.Event()
+        stopped.set()
+        server._shutdown_event = stopped
+        shutdown(*args, **kwargs)
+
+    server._perform_graceful_shutdown = perform
 
 
 def run_server(
