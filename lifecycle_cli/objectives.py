@@ -53,12 +53,13 @@ def shared_prompt_logps(
     completions: Sequence[Sequence[Sequence[int]]],
     max_len: int,
     pad_id: int = 0,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, int]:
     """The log-probability of every token of completions that share their prompt (GRPO's
     group: completions[g] all follow prompts[g]), flat (N,) in the order prompt, completion,
     token: the values `token_logps` gives rows prompt + completion, in the order of their
     labelled positions, computed with each prompt through the model once per packed row
-    instead of once per completion.
+    instead of once per completion; and the number of tokens the model read (padding not
+    counted).
 
     A packed row holds a prompt and then as many of its completions (all but their last token:
     inputs) as fit in `max_len` tokens; every completion token sees the prompt and its own
@@ -113,7 +114,7 @@ def shared_prompt_logps(
     index[scored] = torch.arange(int(scored.sum()))
     pick = index[torch.tensor(at_row), torch.tensor(at_pos)].to(device)
     target = torch.tensor(labels, device=device)
-    return -F.cross_entropy(logits.float()[pick], target, reduction="none")
+    return -F.cross_entropy(logits.float()[pick], target, reduction="none"), sum(lengths)
 
 
 def dpo_loss(

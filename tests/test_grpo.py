@@ -115,7 +115,8 @@ def test_shared_prompt_log_probs_and_gradients_equal_one_row_per_completion(wind
     alone = token_logps(model, ids, labels)[labels != -100]
     grads = torch.autograd.grad(alone.sum(), list(model.parameters()))
     # max_len 9: the first prompt's four completions need two packed rows.
-    shared = shared_prompt_logps(model, prompts, completions, max_len=9)
+    shared, read = shared_prompt_logps(model, prompts, completions, max_len=9)
+    assert read == 2 * 5 + 3 + sum(len(c) - 1 for group in completions for c in group)
     torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(shared.sum(), list(model.parameters())), grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

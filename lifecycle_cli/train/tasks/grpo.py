@@ -310,9 +310,10 @@ class GRPOTask(CheckpointTask):
 
     def completion_logps(self, model, slots: list[int]):
         """(log-probs (B, W) of the slots' completion tokens, 0 elsewhere; the mask of those
-        tokens), rows and positions as `labels` lays them out. Each slot's prompt goes through
-        the model once for as many of its completions as fit in a row of --train.max_seq_length
-        tokens (`objectives.shared_prompt_logps`), not once per completion."""
+        tokens; the tokens the model read), rows and positions as `labels` lays them out.
+        Each slot's prompt goes through the model once for as many of its completions as fit
+        in a row of --train.max_seq_length tokens (`objectives.shared_prompt_logps`), not once
+        per completion."""
         import torch
 
         from lifecycle_cli.objectives import shared_prompt_logps
@@ -325,10 +326,10 @@ class GRPOTask(CheckpointTask):
             p = entry["prompt_len"]
             prompts.append(entry["seqs"][0][:p])
             completions.append([q[p:] for q in entry["seqs"]])
-        flat = shared_prompt_logps(model, prompts, completions, self.seq_length, self.pad_id)
+        flat, read = shared_prompt_logps(model, prompts, completions, self.seq_length, self.pad_id)
         out = torch.zeros(labels.shape, dtype=torch.float32, device=flat.device)
         out[mask] = flat
-        return out, mask
+        return out, mask, read
 
     @property
     def pad_id(self) -> int:
@@ -396,7 +397,7 @@ class GRPOTask(CheckpointTask):
         todo = [(s, i) for s, i in zip(slots, items) if s not in self.buffer]
         if todo:
             self.rollout(rollout, todo)
-        logps, mask = self.completion_logps(model, slots)
+        logps, mask, read = self.completion_logps(model, slots)
         entries = [self.buffer[s] for s in slots]
         advantages = torch.cat([e["advantages"] for e in entries]).to(logps.device)
 
@@ -421,8 +422,8 @@ class GRPOTask(CheckpointTask):
             st["kl_sum"] += float((kl * mask).sum())
             st["clipped"] += int(clipped.sum())
             st["update_tokens"] += int(mask.sum())
-            st["read_tokens"] += mask.numel()
-        batch["n_tokens"] = torch.tensor(mask.numel())  # the loop's tokens/s
+            st["read_tokens"] += read
+        batch["n_tokens"] = torch.tensor(read)  # the loop's tokens/s: what the model read
         return masked_token_mean(losses, mask)
 
     def reset_stats(self) -> None:
