@@ -63,10 +63,13 @@ class RewardModelTask(PreferenceTask):
                     "--temperature gives the verifier different answers to rank)"
                 )
             path = self.out_dir / PAIRS_FILE.format(part)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.partial")
-            tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs))
-            tmp.replace(path)
+            text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in pairs)
+            # Rank 0 writes; the other ranks (after it, sampling the same) find it written.
+            if not path.is_file() or path.read_text(encoding="utf-8") != text:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.partial")
+                tmp.write_text(text, encoding="utf-8")
+                tmp.replace(path)
             sets.append(PreferenceDataset(pairs, tok, style, seq_length, seed))
         self.train_data, self.val_data = sets
         self.seq_length = seq_length
