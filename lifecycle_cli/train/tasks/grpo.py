@@ -7,7 +7,9 @@ prompt's group (`objectives.group_advantages`); the loss is the clipped policy-r
 over the completion tokens, normalised by their count (`objectives.grpo_token_losses`), plus
 --kl_coef times the KL to the reference (the LoRA base with adapters off, or a frozen copy for
 --method full). One rollout serves --num_iterations optimizer steps: the first step's ratio is 1,
-the later ones are off-policy and clipped.
+the later ones are off-policy and clipped. The decoder prefills a group's shared prompt once, and
+the update's forward passes read it once per packed row of its completions
+(`objectives.shared_prompt_logps`), not once per completion.
 
 How it rides the one training loop: the data are global sample indices -> (rollout, slot,
 prompt); the objective generates a micro-batch's completions when it first meets them (every
