@@ -94,6 +94,8 @@ class GPT(nn.Module):
         logits_at: Optional[torch.Tensor] = None,
         logits_where: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        positions: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size).
 
@@ -109,15 +111,30 @@ class GPT(nn.Module):
         `logits_where` (B, T) bool gives the logits of the True positions only, as (N, vocab_size)
         in row-major order: finetuning scores the response tokens and skips the head (and its
         B x T x vocab_size logits) everywhere else.
+
+        A full pass (no `input_pos`) may pack several sequences into one row: `positions`
+        (B, T) gives each token its position and `mask` (B, T, T) bool which tokens it sees
+        (itself included) instead of the causal rule; the sliding window still applies, by
+        position. GRPO's update puts a prompt once in a row with several of its completions.
         """
         T = idx.size(1)
         masks = None
         if input_pos is None:
-            if T > self._max_seq_length:
+            if positions is not None:
+                pos = positions
+                if int(pos.max()) >= self._max_seq_length:
+                    raise ValueError(
+                        f"position {int(pos.max())} exceeds max_seq_length {self._max_seq_length}"
+                    )
+            elif T > self._max_seq_length:
                 raise ValueError(
                     f"sequence of {T} tokens exceeds max_seq_length {self._max_seq_length}"
                 )
-            pos = torch.arange(T, device=idx.device)
+            else:
+                pos = torch.arange(T, device=idx.device)
+            if mask is not None:
+                windows = {block.attn.window for block in self.blocks}
+                masks = {w: packed_mask(mask, pos, w) for w in windows}
         else:
             pos = input_pos
             cache = self.blocks[0].attn.kv_cache
@@ -220,14 +237,18 @@ class GPT(nn.Module):
                 cache.rows, cache.length = slice(0, cache.batch_size), cache.max_len
 
     @contextmanager
-    def kv_cache_rows(self, rows: torch.Tensor, length: int) -> Iterator[None]:
+    def kv_cache_rows(
+        self, rows: torch.Tensor, length: int, source: Optional[torch.Tensor] = None
+    ) -> Iterator[None]:
         """Let calls inside write to a fresh cache of len(rows) rows and `length` positions;
         afterwards it is copied into rows `rows` of the KV cache (a prefill of new requests
-        into free slots that need not be next to each other)."""
+        into free slots that need not be next to each other). `source`: row i of the KV cache
+        gets row source[i] of the fresh cache, which then has max(source) + 1 rows (prompts
+        shared by several slots are prefilled once)."""
         caches = [block.attn.kv_cache for block in self.blocks]
+        n = len(rows) if source is None else int(source.max()) + 1
         scratch = [
-            KVCache(self.config, len(rows), length, c.k.device, c.k.dtype, c.k.size(1))
-            for c in caches
+            KVCache(self.config, n, length, c.k.device, c.k.dtype, c.k.size(1)) for c in caches
         ]
         for block, cache in zip(self.blocks, scratch):
             block.attn.kv_cache = cache
@@ -237,7 +258,7 @@ class GPT(nn.Module):
             for block, cache in zip(self.blocks, caches):
                 block.attn.kv_cache = cache
         for cache, filled in zip(caches, scratch):
-            cache.copy_rows(rows, filled)
+            cache.copy_rows(rows, filled, source)
 
 
 class Block(nn.Module):
@@ -331,7 +352,9 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        if input_pos is None:
+        if input_pos is None and masks is not None:  # packed sequences (`GPT.forward`)
+            mask = masks[self.window]
+        elif input_pos is None:
             mask = None  # causal over the T tokens
             if self.window is not None:
                 pos = torch.arange(T, device=x.device)
@@ -384,6 +407,16 @@ def attention_mask(
     if window is not None:
         mask = mask & (k_pos > q_pos[..., None] - window)
     return mask if q_pos.dim() == 1 else mask.unsqueeze(1)
+
+
+def packed_mask(
+    mask: torch.Tensor, positions: torch.Tensor, window: Optional[int] = None
+) -> torch.Tensor:
+    """(B, T, T) which-token-sees-which of packed rows, cut to the sliding `window` by the
+    tokens' `positions` (B, T) -> (B, 1, T, T), broadcast over the heads."""
+    if window is not None:
+        mask = mask & (positions[:, None, :] > positions[:, :, None] - window)
+    return mask.unsqueeze(1)
 
 
 class KVCache:
@@ -439,11 +472,15 @@ class KVCache:
         new.v[:b, :, :n].copy_(self.v[:b, :, :n])
         return new
 
-    def copy_rows(self, rows: torch.Tensor, source: KVCache) -> None:
-        """Rows `rows` (first positions) := all rows of `source`, in order."""
+    def copy_rows(
+        self, rows: torch.Tensor, source: KVCache, index: Optional[torch.Tensor] = None
+    ) -> None:
+        """Rows `rows` (first positions) := all rows of `source`, in order (`index`: rows
+        `index` of `source`)."""
         n = source.max_len
-        self.k[:, :, :n].index_copy_(0, rows, source.k)
-        self.v[:, :, :n].index_copy_(0, rows, source.v)
+        k, v = (source.k, source.v) if index is None else (source.k[index], source.v[index])
+        self.k[:, :, :n].index_copy_(0, rows, k)
+        self.v[:, :, :n].index_copy_(0, rows, v)
 
 
 class RMSNorm(nn.Module):

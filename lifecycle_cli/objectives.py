@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,76 @@ def token_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
     out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     out[scored] = -F.cross_entropy(logits.float(), labels[scored], reduction="none")
     return out
+
+
+def shared_prompt_logps(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[Sequence[int]]],
+    max_len: int,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """The log-probability of every token of completions that share their prompt (GRPO's
+    group: completions[g] all follow prompts[g]), flat (N,) in the order prompt, completion,
+    token: the values `token_logps` gives rows prompt + completion, in the order of their
+    labelled positions, computed with each prompt through the model once per packed row
+    instead of once per completion; and the number of tokens the model read (padding not
+    counted).
+
+    A packed row holds a prompt and then as many of its completions (all but their last token:
+    inputs) as fit in `max_len` tokens; every completion token sees the prompt and its own
+    earlier tokens at the positions it would have alone (`GPT.forward(positions=, mask=)`), so
+    the values are the same; the prompt's last position predicts every completion's first
+    token. Gradients flow to the prompt positions from all of its completions at once."""
+    rows: list[tuple[int, list[int]]] = []  # (prompt, the completions it holds)
+    for g, (prompt, group) in enumerate(zip(prompts, completions)):
+        held, length = [], len(prompt)
+        for m, c in enumerate(group):
+            if held and length + len(c) - 1 > max_len:
+                rows.append((g, held))
+                held, length = [], len(prompt)
+            held.append(m)
+            length += len(c) - 1
+        rows.append((g, held))
+    lengths = [len(prompts[g]) + sum(len(completions[g][m]) - 1 for m in held)
+               for g, held in rows]  # fmt: skip
+    R, T = len(rows), max(lengths)
+    ids = torch.full((R, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(R, T, dtype=torch.long)
+    mask = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # padding sees itself only
+    scored = torch.zeros(R, T, dtype=torch.bool)
+    at_row, at_pos, labels = [], [], []  # per token: the row and position scoring it, its label
+    for r, (g, held) in enumerate(rows):
+        prompt = list(prompts[g])
+        P = len(prompt)
+        ids[r, :P] = torch.tensor(prompt)
+        pos[r, :P] = torch.arange(P)
+        mask[r, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+        scored[r, P - 1] = True
+        at = P
+        for m in held:
+            c = list(completions[g][m])
+            n = len(c) - 1
+            ids[r, at : at + n] = torch.tensor(c[:-1], dtype=torch.long)
+            pos[r, at : at + n] = torch.arange(P, P + n)
+            mask[r, at : at + n, :P] = True
+            mask[r, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            scored[r, at : at + n] = True
+            at_row += [r] * (n + 1)
+            at_pos += [P - 1, *range(at, at + n)]
+            labels += c
+            at += n
+    device = next(model.parameters()).device
+    logits = model(
+        ids.to(device), positions=pos.to(device), mask=mask.to(device),
+        logits_where=scored.to(device),
+    )  # fmt: skip
+    # Row-major index of each scored position among the selected logits.
+    index = torch.full((R, T), -1, dtype=torch.long)
+    index[scored] = torch.arange(int(scored.sum()))
+    pick = index[torch.tensor(at_row), torch.tensor(at_pos)].to(device)
+    target = torch.tensor(labels, device=device)
+    return -F.cross_entropy(logits.float()[pick], target, reduction="none"), sum(lengths)
 
 
 def dpo_loss(
@@ -118,12 +190,28 @@ def orpo_loss(
 # completion token.
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(prompts, G) rewards -> (r - group mean) / (group std + eps), std with Bessel's
-    correction as TRL computes it. A group whose rewards are all equal gets 0 everywhere."""
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """(prompts, G) rewards -> advantages: each reward minus its group's mean, divided by
+    (`scale`, TRL's `scale_rewards`) the group's std + eps ("group", the GRPO paper's and TRL's
+    default), the std of all the rewards given ("batch": a group whose rewards differ only by
+    noise keeps small advantages), or nothing ("none", Dr. GRPO); stds with Bessel's
+    correction as TRL computes them. A group whose rewards are all equal gets 0 everywhere."""
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {SCALE_REWARDS}, got {scale!r}")
     mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True) if rewards.size(-1) > 1 else torch.zeros_like(mean)
-    return (rewards - mean) / (std + eps)
+    centred = rewards - mean
+    if scale == "none":
+        return centred
+    if scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros(())
+    else:
+        std = rewards.std(-1, keepdim=True) if rewards.size(-1) > 1 else torch.zeros_like(mean)
+    return centred / (std + eps)
 
 
 def grpo_token_losses(

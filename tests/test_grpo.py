@@ -58,6 +58,21 @@ def test_group_advantages_are_rewards_standardised_within_each_group():
     torch.testing.assert_close(adv, torch.tensor(expected))
 
 
+def test_scale_rewards_batch_divides_by_the_std_of_all_rewards_and_none_by_nothing():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.2, 0.1, 0.2, 0.1]])
+    centred = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.05, -0.05, 0.05, -0.05]])
+    torch.testing.assert_close(group_advantages(rewards, "none"), centred)
+    # The batch's std (Bessel, over all 8): the noise-level group keeps small advantages,
+    # where "group" would blow its +-0.05 up to the same +-0.87 as the real difference above.
+    values = rewards.flatten().tolist()
+    mean = sum(values) / 8
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 7)
+    torch.testing.assert_close(group_advantages(rewards, "batch"), centred / (std + 1e-4))
+    grouped = group_advantages(rewards, "group")
+    torch.testing.assert_close(grouped[1].abs(), grouped[0].abs(), rtol=1e-2, atol=0)
+    assert torch.equal(group_advantages(torch.full((2, 4), 0.7), "batch"), torch.zeros(2, 4))
+
+
 def test_clipped_ratio_loss_and_kl_on_a_fixed_batch_equal_the_hand_computed_values():
     # One token per row: ratio e^0.5 (above 1.2) and e^-0.5 (below 0.8), advantages +1 and -1.
     old = torch.zeros(4, 1)
@@ -76,6 +91,35 @@ def test_clipped_ratio_loss_and_kl_on_a_fixed_batch_equal_the_hand_computed_valu
     mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
     values = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
     assert masked_token_mean(values, mask).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_shared_prompt_log_probs_and_gradients_equal_one_row_per_completion(window):
+    from lifecycle_cli.objectives import shared_prompt_logps
+
+    config = Config(name="t", block_size=32, vocab_size=32, n_layer=2, n_embd=32, n_head=4,
+                    n_query_groups=2, intermediate_size=64, sliding_window=window)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(config)
+    draw = lambda n: torch.randint(1, 32, (n,)).tolist()  # noqa: E731
+    prompts = [draw(5), draw(3)]
+    completions = [[draw(n) for n in (3, 1, 4, 2)], [draw(n) for n in (2, 5)]]
+    rows = [(p, c) for p, group in zip(prompts, completions) for c in group]
+    width = max(len(p) + len(c) for p, c in rows) - 1
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for b, (p, c) in enumerate(rows):
+        q = p + c
+        ids[b, : len(q) - 1] = torch.tensor(q[:-1])
+        labels[b, len(p) - 1 : len(q) - 1] = torch.tensor(c)
+    alone = token_logps(model, ids, labels)[labels != -100]
+    grads = torch.autograd.grad(alone.sum(), list(model.parameters()))
+    # max_len 9: the first prompt's four completions need two packed rows.
+    shared, read = shared_prompt_logps(model, prompts, completions, max_len=9)
+    assert read == 2 * 5 + 3 + sum(len(c) - 1 for group in completions for c in group)
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(shared.sum(), list(model.parameters())), grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_a_group_of_equal_rewards_contributes_no_policy_gradient():
@@ -152,6 +196,45 @@ def test_a_reward_model_learns_held_out_pairs_and_evaluate_loads_it(base, tmp_pa
     code = main(["evaluate", str(base), "--tasks", f"preference:{tmp_path / 'val.jsonl'}",
                  "--reward_model", str(base)])  # fmt: skip
     assert code == 2
+
+
+def test_ranked_pairs_put_every_better_distinct_sample_above_every_worse_one():
+    from lifecycle_cli.data.preferences import ranked_pairs
+
+    record = {"prompt": "max 3 9 4 =", "where": "p.jsonl:1", "task": "max"}
+    pairs = ranked_pairs(record, ["9", "4", "9", "x", "4", "3"], [1, 0, 1, 0, 0, 0.5])
+    got = {(p["chosen"], p["rejected"]) for p in pairs}
+    assert got == {("9", "4"), ("9", "x"), ("9", "3"), ("3", "4"), ("3", "x")}
+    assert len(pairs) == len(got) and all(p["task"] == "max" for p in pairs)
+    assert ranked_pairs(record, ["1", "2"], [0, 0]) == []  # all alike: nothing to learn
+
+
+def test_a_reward_model_on_the_checkpoints_own_samples_ranked_by_a_verifier(
+    base, prompts, tmp_path, capsys
+):
+    (tmp_path / "r.py").write_text(
+        "def score(prompt, completion, record):\n    return float(len(completion))\n"
+    )
+    out = tmp_path / "rm"
+    main([
+        "align", str(base), "--objective", "reward_model", "--method", "full",
+        "--data.path", str(prompts), "--data.val_fraction", "0.25", "--prompt_style", "plain",
+        "--reward", f"{tmp_path / 'r.py'}:score", "--group_size", "4", "--max_new_tokens", "4",
+        "--train.epochs", "null", "--train.max_steps", "2", "--train.global_batch_size", "4",
+        "--train.micro_batch_size", "4", "--eval.interval", "2", "--out_dir", str(out),
+    ])  # fmt: skip
+    assert "the checkpoint's own completions (4 per prompt" in capsys.readouterr().out
+    val = [json.loads(line) for line in (out / "pairs-val.jsonl").open()]
+    train = [json.loads(line) for line in (out / "pairs-train.jsonl").open()]
+    assert train and val and all(len(p["chosen"]) > len(p["rejected"]) for p in train + val)
+    held_out = {p["prompt"] for p in val}
+    assert held_out and not held_out & {p["prompt"] for p in train}
+    assert (out / "final" / "reward_model.json").is_file()
+    # A reward model cannot label the pairs: one line, exit 2.
+    args = ["align", str(base), "--objective", "reward_model", "--data.path", str(prompts),
+            "--reward", str(out / "final"), "--out_dir", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2
+    assert "not a reward model" in capsys.readouterr().err
 
 
 GRPO = [

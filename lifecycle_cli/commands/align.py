@@ -57,6 +57,7 @@ def align(
     kl_coef: float = 0.0,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    scale_rewards: Literal["group", "batch", "none"] = "group",
     log_completions: int = 0,
     resume: Resume = False,
     devices: Devices = 1,
@@ -117,13 +118,22 @@ def align(
             checker), format (ended by itself on one line), FILE.py:FUNCTION (called with
             prompt, completion, record; returns a number) or a reward model folder;
             comma-separated, each optionally =WEIGHT: the reward is the weighted sum.
-        group_size: grpo: completions sampled per prompt (advantages are relative to the group).
+            reward_model: such a verifier (not a reward model) ranks the checkpoint's own
+            samples of --data's prompts (GRPO's prompt records) into the training and
+            validation pairs (on-policy pairs), sampled with --group_size, --temperature,
+            --top_p and --max_new_tokens.
+        group_size: grpo: completions sampled per prompt (advantages are relative to the group);
+            reward_model with --reward: per prompt, to rank into pairs.
         num_iterations: grpo: optimizer steps per rollout (later ones clipped off-policy).
         clip_eps: grpo: the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps].
         kl_coef: grpo: weight of the KL to the reference (the base with adapters off for LoRA,
             a frozen copy for full); 0 computes no reference.
         temperature: grpo: sampling temperature of the completions.
         top_p: grpo: nucleus sampling of the completions.
+        scale_rewards: grpo: what a reward's difference from its group's mean is divided by
+            (TRL's scale_rewards): group (the group's std, GRPO's default), batch (the std of
+            the rollout's rewards: noise-level differences within a group stay small, as a
+            learned reward needs), none (Dr. GRPO: the differences as they are).
         log_completions: grpo: write the first N sampled completions with their rewards to
             out_dir/completions.jsonl.
         dry_run: Print the plan (parameters, FLOPs with the reference's forward pass, memory
@@ -150,14 +160,24 @@ def align(
         task = grpo_task({**flags, "checkpoint_dir": checkpoint_dir})
         run_session(task, out_dir, train, eval, RunFlags.pick(flags), flags)
         return
-    if reward is not None:
-        raise UserError("--reward applies to --objective grpo")
+    if reward is not None and objective != "reward_model":
+        raise UserError("--reward applies to --objective grpo and reward_model")
     loss = PreferenceObjective(objective, beta, label_smoothing, gamma, orpo_weight, rpo_alpha)
+    extra = {}
     if objective == "reward_model":
         from lifecycle_cli.train.tasks.reward_model import RewardModelTask as PreferenceTask
+
+        if reward is not None:  # pairs from the checkpoint's own samples, ranked by a verifier
+            from lifecycle_cli.rewards import parse_rewards
+            from lifecycle_cli.train.tasks.grpo import GRPOSettings
+
+            extra["verifier"] = parse_rewards(reward)
+            extra["sampling"] = GRPOSettings(
+                group_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+            )
     task = PreferenceTask(
         checkpoint_dir, data, method, lora, loss, out_dir, ref_checkpoint, precompute_ref,
-        prompt_style, preference_samples, exact_match_samples, max_new_tokens,
+        prompt_style, preference_samples, exact_match_samples, max_new_tokens, **extra,
     )  # fmt: skip
     run_session(task, out_dir, train, eval, RunFlags.pick(flags), flags)
 
@@ -177,6 +197,7 @@ def grpo_task(f: dict):
     settings = GRPOSettings(
         f["group_size"], f["num_iterations"], f["clip_eps"], f["kl_coef"], f["temperature"],
         f["top_p"], f["max_new_tokens"], f["exact_match_samples"], f["log_completions"],
+        f["scale_rewards"],
     )  # fmt: skip
     return GRPOTask(
         f["checkpoint_dir"], f["data"], f["method"], f["lora"], parse_rewards(f["reward"]),

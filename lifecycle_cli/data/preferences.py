@@ -182,6 +182,27 @@ def synthetic_pairs(
     return pairs(train, "training"), pairs(val, "validation")
 
 
+def ranked_pairs(record: dict, completions: Sequence[str], scores: Sequence[float]) -> list[dict]:
+    """Pairs of one prompt's sampled completions as a reward scored them (pairs from a policy's
+    own samples, `align --objective reward_model --reward`): every distinct completion against
+    every distinct one scored lower, the higher one chosen. Equal scores make no pair, so a
+    prompt whose completions all score alike makes none. `record` is a prompt record
+    (`data.prompts`: "prompt", "where", maybe "task")."""
+    first: dict[str, float] = {}
+    for text, value in zip(completions, scores):
+        first.setdefault(text, float(value))
+    out = []
+    for chosen, high in first.items():
+        for rejected, low in first.items():
+            if high > low:
+                pair = {"prompt": record["prompt"], "chosen": chosen, "rejected": rejected,
+                        "where": record["where"]}  # fmt: skip
+                if isinstance(record.get("task"), str):
+                    pair["task"] = record["task"]
+                out.append(pair)
+    return out
+
+
 def corrupt(answer: str, rng: random.Random) -> str:
     """A plausible wrong answer: one digit off by one, one letter changed, or two neighbouring
     characters swapped (a sorted answer comes out unsorted, a reversal half-done)."""

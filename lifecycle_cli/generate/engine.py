@@ -264,7 +264,8 @@ class Engine:
         """A row for the prompt in a free slot (the one that holds the longest start of it),
         with room in the cache; (row, tokens already cached). Not prefilled yet."""
         free = [i for i, row in enumerate(self.slots) if row is None]
-        reuse = [_common_prefix(self.cached[i], ids, len(ids) - 1) for i in free]
+        reuse = [_common_prefix(self.cached[i], ids, len(ids) - 1) if self.cached[i] else 0
+                 for i in free]  # fmt: skip
         start = max(reuse)
         slot = free[reuse.index(start)]
         budget = min(params.max_new_tokens, self.context - len(ids))
@@ -301,20 +302,31 @@ class Engine:
         one) feeds only the part of the prompt its slot does not hold yet."""
         rows = [row for row, _ in group]
         start = group[0][1]
+        # Rows with the same prompt (GRPO's group of samples of one prompt, the same request
+        # twice) share one prefill: its keys and values are copied into each of their slots.
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(row.prompt), len(first)) for row in rows]
+        unique = [rows[source.index(u)] for u in range(len(first))]
         T = max(len(row.prompt) for row in rows)
-        idx = torch.zeros(len(rows), T - start, dtype=torch.long)
-        for i, row in enumerate(rows):
+        idx = torch.zeros(len(unique), T - start, dtype=torch.long)
+        for i, row in enumerate(unique):
             idx[i, : len(row.prompt) - start] = torch.tensor(row.prompt[start:], dtype=torch.long)
         idx = idx.to(self.device)
-        last = torch.tensor([len(row.prompt) - 1 - start for row in rows], device=self.device)
+        last = torch.tensor([len(row.prompt) - 1 - start for row in unique], device=self.device)
         input_pos = torch.arange(start, T, device=self.device)
         slots = [row.slot for row in rows]
-        if slots == list(range(slots[0], slots[0] + len(slots))):
+        shared = None
+        if len(unique) < len(rows):
+            shared = torch.tensor(source, device=self.device)
+            window = self.model.kv_cache_rows(torch.tensor(slots, device=self.device), T, shared)
+        elif slots == list(range(slots[0], slots[0] + len(slots))):
             window = self.model.kv_cache_window(slots[0], slots[-1] + 1, T)
         else:  # not side by side: prefill apart, then copy into the slots
             window = self.model.kv_cache_rows(torch.tensor(slots, device=self.device), T)
         with window:
             logits = prefill(self.model, idx, input_pos, last)
+        if shared is not None:
+            logits = logits[shared]
         for row in rows:
             self.cached[row.slot] = list(row.prompt)
         for row, token in zip(rows, self.sampler(logits, slots)):
@@ -440,16 +452,18 @@ def _prefill_groups(admitted: list[tuple[Row, int]], max_tokens: int = 8192) -> 
     tokens (plus some slack for short prompts)."""
     groups: list[list] = [[item] for item in admitted if item[1] > 0]
     fresh: list[list] = []
+    real = 0  # the prompt tokens of the last group
     for item in sorted((i for i in admitted if i[1] == 0), key=lambda i: len(i[0].prompt)):
         group = fresh[-1] if fresh else None
         n = len(item[0].prompt)
         if group is not None:
             padded = n * (len(group) + 1)
-            real = sum(len(row.prompt) for row, _ in group) + n
-            if padded <= 2 * real + 256 and padded <= max_tokens:
+            if padded <= 2 * (real + n) + 256 and padded <= max_tokens:
                 group.append(item)
+                real += n
                 continue
         fresh.append([item])
+        real = n
     for group in fresh:  # in slot order: side by side slots prefill in place
         group.sort(key=lambda item: item[0].slot)
     return groups + fresh

@@ -7,7 +7,9 @@ prompt's group (`objectives.group_advantages`); the loss is the clipped policy-r
 over the completion tokens, normalised by their count (`objectives.grpo_token_losses`), plus
 --kl_coef times the KL to the reference (the LoRA base with adapters off, or a frozen copy for
 --method full). One rollout serves --num_iterations optimizer steps: the first step's ratio is 1,
-the later ones are off-policy and clipped.
+the later ones are off-policy and clipped. The decoder prefills a group's shared prompt once, and
+the update's forward passes read it once per packed row of its completions
+(`objectives.shared_prompt_logps`), not once per completion.
 
 How it rides the one training loop: the data are global sample indices -> (rollout, slot,
 prompt); the objective generates a micro-batch's completions when it first meets them (every
@@ -51,9 +53,15 @@ class GRPOSettings:
     max_new_tokens: int = 32
     eval_samples: int = 100
     log_completions: int = 0
+    scale_rewards: str = "group"
 
     def __post_init__(self) -> None:
+        from lifecycle_cli.objectives import SCALE_REWARDS
+
         checks = {
+            f"--scale_rewards must be one of {', '.join(SCALE_REWARDS)}": (
+                self.scale_rewards in SCALE_REWARDS
+            ),
             "--group_size must be at least 2": self.group_size >= 2,
             "--num_iterations must be at least 1": self.num_iterations >= 1,
             "--clip_eps must be > 0": self.clip_eps > 0,
@@ -194,10 +202,12 @@ class GRPOTask(CheckpointTask):
         ref = "none (--kl_coef 0)"
         if s.kl_coef > 0:
             ref = "a frozen copy" if self.reference is not None else "the adapters off"
+        scaled = f"over the {s.scale_rewards} std" if s.scale_rewards != "none" else "unscaled"
         return [
             f"{self.method} GRPO, reward {rewards}; {s.group_size} completions per prompt "
             f"(temperature {s.temperature}, top_p {s.top_p}, up to {s.max_new_tokens} tokens), "
-            f"{s.num_iterations} update(s) per rollout, clip {s.clip_eps}, KL {s.kl_coef} to "
+            f"advantages {scaled}, {s.num_iterations} update(s) per rollout, clip "
+            f"{s.clip_eps}, KL {s.kl_coef} to "
             f"{ref}; prompt style {self.style.name!r}: {trainable:,} trainable parameters; "
             f"{len(self.train_prompts):,} training / {len(self.val_prompts):,} held-out prompts"
         ]
@@ -249,7 +259,7 @@ class GRPOTask(CheckpointTask):
         values = torch.tensor(score(self.rewards, samples), dtype=torch.float64)
         weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float64)
         totals = (values * weights).sum(-1).view(len(todo), G)
-        advantages = group_advantages(totals).float()
+        advantages = group_advantages(totals, s.scale_rewards).float()
         eos = self.tokenizer.eos_id
         budget = self.seq_length + 1
         for n, (slot, _) in enumerate(todo):
@@ -279,19 +289,17 @@ class GRPOTask(CheckpointTask):
         import torch
 
         from lifecycle_cli.lora import adapters_disabled
-        from lifecycle_cli.objectives import token_logps
 
         with torch.no_grad():
-            ids, labels = self.pack(slots)
             keys = []
             if self.s.num_iterations > 1:
-                keys.append(("old", token_logps(self.gpt, ids, labels)))
+                keys.append(("old", self.completion_logps(self.gpt, slots)[0]))
             if self.s.kl_coef > 0:
                 if self.reference is not None:
-                    ref = token_logps(self.reference, ids, labels)
+                    ref = self.completion_logps(self.reference, slots)[0]
                 else:
                     with adapters_disabled(self.gpt):
-                        ref = token_logps(self.gpt, ids, labels)
+                        ref = self.completion_logps(self.gpt, slots)[0]
                 keys.append(("ref", ref))
         row = 0
         for slot in slots:
@@ -302,22 +310,44 @@ class GRPOTask(CheckpointTask):
                 ]
             row += len(entry["seqs"])
 
-    def pack(self, slots: list[int]):
-        """(input_ids, labels) of the slots' completions, right-padded; labels are -100 on the
-        prompt and the padding."""
+    def completion_logps(self, model, slots: list[int]):
+        """(log-probs (B, W) of the slots' completion tokens, 0 elsewhere; the mask of those
+        tokens; the tokens the model read), rows and positions as `labels` lays them out.
+        Each slot's prompt goes through the model once for as many of its completions as fit
+        in a row of --train.max_seq_length tokens (`objectives.shared_prompt_logps`), not once
+        per completion."""
+        import torch
+
+        from lifecycle_cli.objectives import shared_prompt_logps
+
+        labels = self.labels(slots)
+        mask = labels != -100
+        prompts, completions = [], []
+        for slot in slots:
+            entry = self.buffer[slot]
+            p = entry["prompt_len"]
+            prompts.append(entry["seqs"][0][:p])
+            completions.append([q[p:] for q in entry["seqs"]])
+        flat, read = shared_prompt_logps(model, prompts, completions, self.seq_length, self.pad_id)
+        out = torch.zeros(labels.shape, dtype=torch.float32, device=flat.device)
+        out[mask] = flat
+        return out, mask, read
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+
+    def labels(self, slots: list[int]):
+        """(B, W) labels of the slots' completions as rows prompt + completion, right-padded:
+        each token at the position before it, -100 on the prompt and the padding."""
         import torch
 
         seqs = [(q, self.buffer[s]["prompt_len"]) for s in slots for q in self.buffer[s]["seqs"]]
-        width = max(len(q) for q, _ in seqs) - 1
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        labels = torch.full((len(seqs), max(len(q) for q, _ in seqs) - 1), -100)
         for b, (q, p) in enumerate(seqs):
-            n = len(q) - 1
-            ids[b, :n] = torch.tensor(q[:-1])
-            labels[b, p - 1 : n] = torch.tensor(q[p:])
-        device = self.fabric.device
-        return ids.to(device), labels.to(device)
+            labels[b, p - 1 : len(q) - 1] = torch.tensor(q[p:])
+        return labels.to(self.fabric.device)
 
     def save_buffer(self) -> None:
         import torch
@@ -356,7 +386,7 @@ class GRPOTask(CheckpointTask):
     def loss(self, model, batch):
         import torch
 
-        from lifecycle_cli.objectives import grpo_token_losses, masked_token_mean, token_logps
+        from lifecycle_cli.objectives import grpo_token_losses, masked_token_mean
 
         if self.stats["since"] is None:
             self.stats["since"] = time.perf_counter()
@@ -369,9 +399,7 @@ class GRPOTask(CheckpointTask):
         todo = [(s, i) for s, i in zip(slots, items) if s not in self.buffer]
         if todo:
             self.rollout(rollout, todo)
-        ids, labels = self.pack(slots)
-        mask = labels != -100
-        logps = token_logps(model, ids, labels)
+        logps, mask, read = self.completion_logps(model, slots)
         entries = [self.buffer[s] for s in slots]
         advantages = torch.cat([e["advantages"] for e in entries]).to(logps.device)
 
@@ -396,8 +424,8 @@ class GRPOTask(CheckpointTask):
             st["kl_sum"] += float((kl * mask).sum())
             st["clipped"] += int(clipped.sum())
             st["update_tokens"] += int(mask.sum())
-            st["read_tokens"] += ids.numel()
-        batch["n_tokens"] = torch.tensor(ids.numel())  # the loop's tokens/s
+            st["read_tokens"] += read
+        batch["n_tokens"] = torch.tensor(read)  # the loop's tokens/s: what the model read
         return masked_token_mean(losses, mask)
 
     def reset_stats(self) -> None:
