@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lifecycle_cli.config import Config
 from lifecycle_cli.mlp import MoE, make_mlp, router_loss  # noqa: F401 (router_loss: API)
+from lifecycle_cli.objectives import linear_cross_entropy
 from lifecycle_cli.rope import apply_rope, rope_tables
 
 
@@ -94,6 +95,7 @@ class GPT(nn.Module):
         logits_at: Optional[torch.Tensor] = None,
         logits_where: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        targets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size).
 
@@ -109,6 +111,8 @@ class GPT(nn.Module):
         `logits_where` (B, T) bool gives the logits of the True positions only, as (N, vocab_size)
         in row-major order: finetuning scores the response tokens and skips the head (and its
         B x T x vocab_size logits) everywhere else.
+        `targets` (B, T) token ids: the mean cross-entropy of the logits against them instead
+        (float32; see `loss`).
         """
         T = idx.size(1)
         masks = None
@@ -154,7 +158,33 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if return_hidden:  # (B, T, n_embd), for a task head such as a classifier's
             return x
+        if targets is not None:
+            return self.loss(x, targets)
         return self.head(x)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits of `hidden` (..., n_embd) against `targets`.
+
+        Training a plain float32 head outside torch.compile, the head and the loss run fused
+        in chunks of rows (`linear_cross_entropy`): the (tokens x vocab_size) logits never
+        exist whole and their gradient is taken while a chunk is still in cache, which on a
+        CPU halves the time of the head plus the loss. Compiled, inductor fuses the plain form.
+        """
+        hidden, targets = hidden.flatten(0, -2), targets.flatten()
+        head = self.lm_head
+        fused = (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and type(head) is nn.Linear
+            and head.bias is None
+            and self.config.final_logit_softcapping is None
+            and type(head.weight) is nn.Parameter  # not a DTensor shard
+            and hidden.dtype == head.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled(hidden.device.type)
+        )
+        if fused:
+            return linear_cross_entropy(hidden, head.weight, targets)
+        return F.cross_entropy(self.head(hidden).float(), targets)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (`return_hidden=True`) -> logits: what forward ends with, for
