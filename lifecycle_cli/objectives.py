@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lifecycle_cli.linear import matmul_t
+
 
 def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from tokens 0..t; `batch` is (B, T + 1).
@@ -30,12 +32,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, LOSS_CHUNK):
             h, y = hidden[start : start + LOSS_CHUNK], targets[start : start + LOSS_CHUNK, None]
-            logp = torch.log_softmax(h @ weight.t(), dim=-1)
+            logp = torch.log_softmax(matmul_t(h, weight), dim=-1)
             total -= logp.gather(1, y).sum()
             probs = logp.exp_()
             probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
             probs.mul_(1 / n)
-            torch.mm(probs, weight, out=grad_hidden[start : start + LOSS_CHUNK])
+            grad_hidden[start : start + LOSS_CHUNK] = matmul_t(probs, weight.t())
             grad_weight.addmm_(probs.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total / n

@@ -247,6 +247,34 @@ def test_the_fused_head_and_loss_give_the_plain_loss_and_gradients(tied):
         torch.testing.assert_close(grads[name], p.grad, atol=1e-7, rtol=1e-5, msg=name)
 
 
+def test_linear_layers_train_through_onednn_with_f_linear_values_and_gradients():
+    """On CPU a float32 training Linear multiplies through oneDNN (forward and both backward
+    matmuls, also compiled); it gives F.linear's output and gradients, and without gradients
+    it is F.linear itself."""
+    import torch.nn.functional as F
+
+    from lifecycle_cli.linear import ONEDNN, Linear, use_onednn
+
+    torch.manual_seed(0)
+    layer = Linear(48, 80)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    assert use_onednn(x, layer.weight) == ONEDNN
+    with torch.no_grad():
+        assert not use_onednn(x, layer.weight)
+    for forward in (layer, torch.compile(layer)):
+        out = forward(x)
+        out.square().sum().backward()
+        grads = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+        for t in (x, layer.weight, layer.bias):
+            t.grad = None
+        expected = F.linear(x, layer.weight, layer.bias)
+        expected.square().sum().backward()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        for got, t in zip(grads, (x, layer.weight, layer.bias)):
+            torch.testing.assert_close(got, t.grad, atol=1e-4, rtol=1e-5)
+            t.grad = None
+
+
 def test_continued_pretraining_starts_from_the_initial_checkpoint(corpus, straight, tmp_path):
     out = tmp_path / "more"
     cfg = write_config(tmp_path / "c.yaml", corpus, out, max_steps=2)
