@@ -69,19 +69,24 @@ for line in sys.stdin:
 """
 
 
+def litgpt_state_dict(model) -> dict:
+    """Our GPT's weights under LitGPT's names (the same layout: qkv stacked as q, k, v)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = name.replace("blocks.", "transformer.h.", 1)
+        if name.startswith(("wte.", "ln_f.")):
+            key = "transformer." + name
+        state[key] = tensor.contiguous()
+    return state
+
+
 class LitGPTSide:
     """LitGPT's `generate` in its own process, timed one call per request."""
 
     def __init__(self, model, prompt: list[int], workdir: Path) -> None:
         import torch
 
-        state = {}
-        for name, tensor in model.state_dict().items():
-            key = name.replace("blocks.", "transformer.h.", 1)
-            if name.startswith(("wte.", "ln_f.")):
-                key = "transformer." + name
-            state[key] = tensor.contiguous()
-        torch.save(state, workdir / "lit_model.pth")
+        torch.save(litgpt_state_dict(model), workdir / "lit_model.pth")
         (workdir / "worker.py").write_text(LITGPT_WORKER)
         args = [str(workdir / "lit_model.pth"), ",".join(map(str, prompt)), str(THREADS), str(LONG)]
         self.proc = subprocess.Popen(

@@ -95,6 +95,8 @@ def _lora_linear() -> type:
     import torch.nn.functional as F
     from torch import nn
 
+    from lifecycle_cli.linear import Linear
+
     class LoRALinear(nn.Linear):
         """`base`'s weight and bias plus one rank-r adapter per part: `parts` are (start, size)
         ranges of output rows (default: all rows). lora_A stacks the parts' A (r rows each),
@@ -150,7 +152,7 @@ def _lora_linear() -> type:
             weight = self.weight.clone()
             for rows, a, b in self.pieces():
                 weight[rows] += (b @ a * self.scaling).to(weight.dtype)
-            plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta")
+            plain = Linear(self.in_features, self.out_features, self.bias is not None, "meta")
             plain.weight, plain.bias = _like(self.weight, weight), self.bias
             return plain
 
@@ -163,6 +165,8 @@ def _lora_embedding() -> tuple[type, type]:
     import torch
     import torch.nn.functional as F
     from torch import nn
+
+    from lifecycle_cli.linear import Linear
 
     class LoRAEmbedding(nn.Embedding):
         """`base`'s matrix W (vocab, dim) plus (alpha / r) B A, B (vocab, r), A (r, dim)."""
@@ -215,7 +219,7 @@ def _lora_embedding() -> tuple[type, type]:
             return F.linear(x, self.weight, self.bias) + delta * e.scaling
 
         def merged(self) -> nn.Linear:  # merge_lora ties it to the merged embedding
-            plain = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta")
+            plain = Linear(self.in_features, self.out_features, self.bias is not None, "meta")
             plain.weight, plain.bias = self.weight, self.bias
             return plain
 

@@ -10,13 +10,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lifecycle_cli.config import Config
+from lifecycle_cli.linear import Linear
 
 
 class GeluMLP(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.fc = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -29,9 +30,9 @@ class GatedMLP(nn.Module):
     def __init__(self, config: Config, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
         size = intermediate_size or config.intermediate_size
-        self.fc_1 = nn.Linear(config.n_embd, size, bias=config.bias)
-        self.fc_2 = nn.Linear(config.n_embd, size, bias=config.bias)
-        self.proj = nn.Linear(size, config.n_embd, bias=config.bias)
+        self.fc_1 = Linear(config.n_embd, size, bias=config.bias)
+        self.fc_2 = Linear(config.n_embd, size, bias=config.bias)
+        self.proj = Linear(size, config.n_embd, bias=config.bias)
         self.geglu = config.mlp == "geglu"
         self.approximate = config.gelu_approximate
         self.limit, self.alpha = config.swiglu_limit, config.swiglu_alpha
@@ -57,7 +58,7 @@ class MoE(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate = nn.Linear(config.n_embd, config.n_expert, bias=config.router_bias)
+        self.gate = Linear(config.n_embd, config.n_expert, bias=config.router_bias)
         size = config.expert_intermediate_size
         self.experts = nn.ModuleList(GatedMLP(config, size) for _ in range(config.n_expert))
         self.k, self.norm_topk = config.n_expert_per_token, config.moe_norm_topk

@@ -7,11 +7,56 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from lifecycle_cli.linear import matmul_t
+
 
 def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from tokens 0..t; `batch` is (B, T + 1)."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    """Mean cross-entropy of predicting token t+1 from tokens 0..t; `batch` is (B, T + 1).
+    The model computes it (`GPT.loss`): inside its forward, so compiled with it, and where a
+    sharded head's weight is gathered."""
+    return model(batch[:, :-1], targets=batch[:, 1:])
+
+
+LOSS_CHUNK = 256  # rows of logits at a time in `linear_cross_entropy` (1 MB each at 1,024 tokens)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(hidden_i @ weight.T, targets_i), its gradients computed in the forward chunk by
+    chunk: a chunk's logits become its softmax, minus one at the target, over the row count,
+    which is the logits' gradient; two matmuls then give the hidden states' and the weight's
+    gradients. The backward only scales them. Same matmuls as the unfused head + loss."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        n = hidden.size(0)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, LOSS_CHUNK):
+            h, y = hidden[start : start + LOSS_CHUNK], targets[start : start + LOSS_CHUNK, None]
+            logp = torch.log_softmax(matmul_t(h, weight), dim=-1)
+            total -= logp.gather(1, y).sum()
+            probs = logp.exp_()
+            probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
+            probs.mul_(1 / n)
+            grad_hidden[start : start + LOSS_CHUNK] = matmul_t(probs, weight.t())
+            grad_weight.addmm_(probs.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad, grad_weight * grad, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, targets)` for (N, d) hidden states, a (V, d) head
+    and (N,) targets (every one counted: no ignore index), the logits made and used in chunks
+    of LOSS_CHUNK rows."""
+    return LinearCrossEntropy.apply(hidden, weight, targets)
 
 
 def masked_sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

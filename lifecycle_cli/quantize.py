@@ -78,13 +78,15 @@ def quantize_blocks(model: GPT, device=None) -> None:
     bnb = require_bitsandbytes()
     from torch import nn
 
+    from lifecycle_cli.linear import Linear
+
     Linear4bit = _frozen_linear_4bit()
     for i, block in enumerate(model.blocks):
         router = getattr(block.mlp, "gate", None)  # a mixture's router stays unquantized
         for name, module in list(block.named_modules(prefix=f"blocks.{i}")):
             if not isinstance(module, nn.Linear) or module is router:
                 continue
-            if type(module) is not nn.Linear:
+            if type(module) not in (nn.Linear, Linear):
                 raise ValueError(
                     f"{name} is a {type(module).__name__}: quantize_blocks packs plain "
                     "nn.Linear layers; quantize before wrapping them (e.g. before inject_lora)"
@@ -102,6 +104,8 @@ def dequantize_blocks(model: GPT) -> None:
     import bitsandbytes as bnb
     from torch import nn
 
+    from lifecycle_cli.linear import Linear
+
     Linear4bit = _frozen_linear_4bit()
     for name, module in list(model.named_modules()):
         if not (isinstance(module, nn.Linear) and is_4bit(module.weight)):
@@ -111,7 +115,7 @@ def dequantize_blocks(model: GPT) -> None:
             bnb.functional.dequantize_4bit(w.data, w.quant_state), requires_grad=False
         )
         if type(module) is Linear4bit:
-            plain = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                              device="meta")  # fmt: skip
+            plain = Linear(module.in_features, module.out_features, module.bias is not None,
+                           device="meta")  # fmt: skip
             plain.weight, plain.bias = module.weight, module.bias
             model.set_submodule(name, plain)

@@ -275,3 +275,31 @@ def test_align_dry_run_counts_both_responses_and_the_reference(capsys):
     assert mem["reference"] == gb and mem["total"] == pytest.approx(
         sum(v for k, v in mem.items() if k != "total")
     )
+
+
+def test_dry_run_plans_fsdp_times_tensor_parallel_and_refuses_what_the_run_would(capsys):
+    """--tensor_parallel N: a rank holds 1/N of the blocks' linear weights (what the plan
+    shards) and the rest whole, FSDP shards that over devices / N; a split the run refuses is
+    refused by the plan in one line."""
+    config = named_config("Llama-2-7b-hf")
+    params = P.count_params(config)
+    args = dict(seq_length=4096, micro_batch=1, tokens=None, tokens_from="", devices=16)
+    plan = make_plan(config, PlanArgs(), tensor_parallel=8, **args)
+    tp = plan.memory["32-true"]["fsdp_tp"]
+    held = params.block_linear / 8 + params.total - params.block_linear
+    assert tp["gradients"] == pytest.approx(held / 2 * 4)  # 2 data-parallel ranks, fp32
+    assert tp["optimizer"] == pytest.approx(held / 2 * 8)
+    fsdp = plan.memory["32-true"]["fsdp"]
+    assert tp["activations"] < fsdp["activations"]  # a rank keeps its heads' share
+    assert "fsdp_tp" not in make_plan(config, PlanArgs(), **args).memory["32-true"]
+
+    assert main(["pretrain", "Llama-2-7b-hf", "--dry_run", "true", "--devices", "8",
+                 "--num_nodes", "2", "--tensor_parallel", "8"]) == 0  # fmt: skip
+    assert "total, FSDP 2 x TP 8 + checkpointing" in capsys.readouterr().out
+    for flags, message in [
+        (["--devices", "8", "--tensor_parallel", "3"], "does not divide the 8 device(s)"),
+        (["--devices", "6", "--tensor_parallel", "6"], "n_head 32 does not divide by 6"),
+    ]:
+        assert main(["pretrain", "Llama-2-7b-hf", "--dry_run", "true", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from lifecycle_cli.config import Config
 from lifecycle_cli.errors import UserError
+from lifecycle_cli.linear import Linear
 from lifecycle_cli.lora import (
     LoRAArgs,
     LoRALinear,
@@ -92,7 +93,7 @@ def test_adapters_start_as_a_no_op_and_only_they_train(family, args_name):
     assert set(model.state_dict()) == set(base_state) | set(adapters)
     if model.config.mlp == "moe" and args_name == "every layer":  # experts adapted, router not
         assert isinstance(model.blocks[0].mlp.experts[3].fc_2, LoRALinear)
-        assert type(model.blocks[0].mlp.gate) is nn.Linear
+        assert type(model.blocks[0].mlp.gate) is Linear
 
     train(model)
     adapted_logits = model(TOKENS)
@@ -102,7 +103,7 @@ def test_adapters_start_as_a_no_op_and_only_they_train(family, args_name):
 
     merge_lora(model)
     assert not has_lora(model)
-    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert all(type(m) is Linear for m in model.modules() if isinstance(m, nn.Linear))
     assert type(model.wte) is nn.Embedding
     assert (model.lm_head.weight is model.wte.weight) == model.config.tie_embeddings
     assert list(model.state_dict()) == list(GPT(model.config).state_dict())

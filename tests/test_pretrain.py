@@ -219,6 +219,62 @@ def test_lr_warms_up_then_follows_a_cosine(straight):
     assert logged == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_fused_head_and_loss_give_the_plain_loss_and_gradients(tied):
+    """Training in float32, the model's loss runs the head and the cross-entropy fused in chunks
+    of rows (more rows than one chunk here); loss and every gradient equal the plain logits ->
+    F.cross_entropy computation's."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from lifecycle_cli.config import Config
+    from lifecycle_cli.model import GPT
+    from lifecycle_cli.objectives import LOSS_CHUNK, next_token_loss
+
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(Config(**TINY), tie_embeddings=tied))
+    batch = torch.randint(0, model.config.vocab_size, (2 * LOSS_CHUNK // 64 + 1, 65))
+    fused = next_token_loss(model, batch)
+    fused.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(batch[:, :-1])
+    plain = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    plain.backward()
+    assert fused.item() == pytest.approx(plain.item(), abs=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_linear_layers_train_through_onednn_with_f_linear_values_and_gradients():
+    """On CPU a float32 training Linear multiplies through oneDNN (forward and both backward
+    matmuls, also compiled); it gives F.linear's output and gradients, and without gradients
+    it is F.linear itself."""
+    import torch.nn.functional as F
+
+    from lifecycle_cli.linear import ONEDNN, Linear, use_onednn
+
+    torch.manual_seed(0)
+    layer = Linear(48, 80)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    assert use_onednn(x, layer.weight) == ONEDNN
+    with torch.no_grad():
+        assert not use_onednn(x, layer.weight)
+    for forward in (layer, torch.compile(layer)):
+        out = forward(x)
+        out.square().sum().backward()
+        grads = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+        for t in (x, layer.weight, layer.bias):
+            t.grad = None
+        expected = F.linear(x, layer.weight, layer.bias)
+        expected.square().sum().backward()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        for got, t in zip(grads, (x, layer.weight, layer.bias)):
+            torch.testing.assert_close(got, t.grad, atol=1e-4, rtol=1e-5)
+            t.grad = None
+
+
 def test_continued_pretraining_starts_from_the_initial_checkpoint(corpus, straight, tmp_path):
     out = tmp_path / "more"
     cfg = write_config(tmp_path / "c.yaml", corpus, out, max_steps=2)

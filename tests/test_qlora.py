@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lifecycle_cli.linear import Linear
 from lifecycle_cli.lora import LoRAArgs, LoRALinear, inject_lora, merge_lora
 from lifecycle_cli.model import GPT
 from lifecycle_cli.objectives import next_token_loss
@@ -70,7 +71,7 @@ def test_adapters_train_on_the_packed_base_and_merge_into_its_dequantized_weight
     assert not any(is_4bit(m.weight) for m in block_linears(model).values())
     torch.testing.assert_close(model(TOKENS), adapted, atol=1e-5, rtol=1e-5)
     merge_lora(model)
-    assert all(type(m) is nn.Linear for m in block_linears(model).values())
+    assert all(type(m) is Linear for m in block_linears(model).values())
     assert list(model.state_dict()) == list(GPT(model.config).state_dict())
     torch.testing.assert_close(model(TOKENS), adapted, atol=1e-5, rtol=1e-5)
 

@@ -68,7 +68,7 @@ def pretrain(
 
         pretrain_plan(
             model_name, model_config, initial_checkpoint_dir, tokenizer_dir,
-            tokenizer.vocab_size, train, plan, devices, num_nodes, precision,
+            tokenizer.vocab_size, train, plan, devices, num_nodes, precision, tensor_parallel,
         )  # fmt: skip
         return
     flags = dict(locals())

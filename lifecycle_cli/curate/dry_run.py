@@ -52,6 +52,7 @@ def pretrain_plan(
     devices: Union[int, str],
     num_nodes: int,
     precision: Optional[str],
+    tensor_parallel: int = 1,
 ) -> Plan:
     """The plan of a `pretrain` run, with the vocabulary it would train: the initial
     checkpoint's, the given tokenizer's, or the BPE of `--tokenizer.vocab_size` it would train
@@ -86,7 +87,10 @@ def pretrain_plan(
                 f"{config.vocab_size} (--tokenizer_dir or --tokenizer.vocab_size set it)"
             )
         config = _replace(config, vocab_size=padded)
-    return _plan(config, train, plan, devices, num_nodes, precision, "full", None, notes)
+    return _plan(
+        config, train, plan, devices, num_nodes, precision, "full", None, notes,
+        tensor_parallel=tensor_parallel,
+    )  # fmt: skip
 
 
 def finetune_plan(
@@ -166,7 +170,7 @@ def _replace(config: Config, **fields) -> Config:
 
 def _plan(
     config, train, plan, devices, num_nodes, precision, method, lora, notes, pretraining=True,
-    reference=False, reference_copy=False,
+    reference=False, reference_copy=False, tensor_parallel=1,
 ) -> Plan:  # fmt: skip
     seq_length = train.seq_length(config.block_size)
     tokens, source = planned_tokens(train, seq_length)
@@ -179,7 +183,7 @@ def _plan(
         config, plan, seq_length=seq_length, micro_batch=train.micro_batch_size,
         tokens=tokens, tokens_from=source, precision=precision,
         devices=device_count(devices, num_nodes), method=method, lora=lora,
-        reference=reference, reference_copy=reference_copy,
+        reference=reference, reference_copy=reference_copy, tensor_parallel=tensor_parallel,
     )  # fmt: skip
     result.notes += notes
     result.pretraining = pretraining

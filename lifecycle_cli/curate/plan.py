@@ -205,7 +205,9 @@ def chinchilla(params: int, tokens: Optional[float], flops: Optional[float]) -> 
 # Memory
 
 
-def activations_per_token(config: Config, act_bytes: int, checkpointing: bool) -> float:
+def activations_per_token(
+    config: Config, act_bytes: int, checkpointing: bool, tensor_parallel: int = 1
+) -> float:
     """Bytes kept for the backward pass per token of a micro batch (an estimate).
 
     Per block: the input and output of both norms (4·E), queries/keys/values ((nh + 2kv)·hs),
@@ -214,12 +216,14 @@ def activations_per_token(config: Config, act_bytes: int, checkpointing: bool) -
     times the chosen experts of a mixture). With activation checkpointing a block keeps its
     input only, and one block's values exist at a time while it is recomputed. The head adds
     its input and the logits with their float32 log-softmax and gradient (V·(A + 8)).
+    Under tensor parallelism a rank keeps its share of the heads' and the MLP's values; the
+    norms' values, the block inputs and the (replicated) head's stay whole.
     """
     e, hs, nh, kv = config.n_embd, config.head_size, config.n_head, config.n_query_groups
     mlp = (2 if config.mlp == "gelu" else 4) * config.intermediate_size
     if config.mlp == "moe":
         mlp *= config.n_expert_per_token
-    block = (4 * e + (nh + 2 * kv) * hs + 2 * nh * hs + mlp) * act_bytes
+    block = (4 * e + ((nh + 2 * kv) * hs + 2 * nh * hs + mlp) / tensor_parallel) * act_bytes
     head = 2 * e * act_bytes + config.vocab_size * (act_bytes + 8)
     if checkpointing:
         return config.n_layer * e * act_bytes + block + head
@@ -236,13 +240,16 @@ def memory(
     method: str = "full",
     lora_n: int = 0,
     reference_copy: bool = False,
+    tensor_parallel: int = 1,
 ) -> dict[str, float]:
     """Bytes per device to train: "weights", "gradients", "optimizer" (AdamW), "activations"
     and "total" (and "reference": a frozen copy of the weights, full DPO/IPO's reference
     model, with `reference_copy`). `devices` > 1 shards the weights, gradients, states and
     reference FSDP-style (and adds one gathered block being computed, twice for prefetch).
     `method` lora/qlora: frozen base weights (4-bit blocks for qlora), gradients and AdamW
-    states for the adapters only."""
+    states for the adapters only. `tensor_parallel` N (full training): the blocks' linear
+    weights are split over N ranks (the rest replicated), FSDP then shards over the devices / N
+    data-parallel ranks, and a rank keeps its share of the heads' and MLP's activations."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: planning knows {', '.join(PRECISIONS)}")
     w, g, o, a = PRECISIONS[precision]
@@ -255,13 +262,19 @@ def memory(
             base = params.block_linear * NF4_BYTES + (params.total - params.block_linear) * w
         weights, grads, optim = base + lora_n * w, lora_n * g, lora_n * o
     ref = params.total * w if reference_copy else 0.0
-    gathered = 0.0
-    if devices > 1:
-        weights, grads, optim = weights / devices, grads / devices, optim / devices
-        ref /= devices
-        gathered = 2 * max(params.per_block or [0]) * w
+    gathered, block = 0.0, max(params.per_block or [0])
+    tp = tensor_parallel
+    if tp > 1:  # the share of the weights one tensor-parallel rank holds
+        kept = (params.block_linear / tp + params.total - params.block_linear) / params.total
+        weights, grads, optim, ref = weights * kept, grads * kept, optim * kept, ref * kept
+        block /= tp
+    if devices // tp > 1:
+        dp = devices // tp
+        weights, grads, optim = weights / dp, grads / dp, optim / dp
+        ref /= dp
+        gathered = 2 * block * w
     tokens = micro_batch * seq_length
-    acts = activations_per_token(config, a, checkpointing) * tokens
+    acts = activations_per_token(config, a, checkpointing, tp) * tokens
     parts = {"weights": weights + gathered, "gradients": grads, "optimizer": optim}
     if reference_copy:
         parts["reference"] = ref
@@ -315,6 +328,7 @@ class Plan:
     measured: Optional[dict[str, float]] = None
     notes: list[str] = field(default_factory=list)
     pretraining: bool = True  # Chinchilla's sizes are about pretraining only
+    tensor_parallel: int = 1
 
     @property
     def gpu_hours(self) -> float:
@@ -343,15 +357,28 @@ def make_plan(
     lora: Optional[LoRAArgs] = None,
     reference: bool = False,
     reference_copy: bool = False,
+    tensor_parallel: int = 1,
 ) -> Plan:
     """The plan of training `config` on `tokens` tokens (None: Chinchilla-optimal); with
     `reference`, a DPO-style run whose reference model scores every sequence (and, with
-    `reference_copy`, is a second copy of the weights in memory)."""
+    `reference_copy`, is a second copy of the weights in memory); with `tensor_parallel` N, the
+    memory of FSDP x N-way tensor parallelism over the devices too."""
     if not 0 < args.mfu <= 1:
         raise UserError(f"--plan.mfu must be in (0, 1], got {args.mfu}")
     if args.gpus is not None and args.gpus < 1:
         raise UserError(f"--plan.gpus must be at least 1, got {args.gpus}")
     precision = precision or "bf16-mixed"
+    tp = tensor_parallel
+    if tp > 1:  # what the run itself would refuse
+        from lifecycle_cli.train.tensor_parallel import check_tensor_parallel
+
+        if devices % tp:
+            raise UserError(f"--tensor_parallel {tp} does not divide the {devices} device(s)")
+        if method != "full":
+            raise UserError("--tensor_parallel does not shard LoRA adapters yet; plan without it")
+        check_tensor_parallel(config, tp)
+    elif tp < 1:
+        raise UserError(f"--tensor_parallel {tp} must be at least 1")
     params = count_params(config)
     lora_n = lora_params(config, lora) if method != "full" and lora is not None else 0
     if tokens is None:
@@ -360,16 +387,18 @@ def make_plan(
     flops = training_flops(config, seq_length, tokens, method, lora_n, reference)
     mem: dict[str, dict[str, dict[str, float]]] = {}
 
-    def need(p: str, n_devices: int, checkpointing: bool) -> dict[str, float]:
+    def need(p: str, n_devices: int, checkpointing: bool, tp: int = 1) -> dict[str, float]:
         return memory(
             config, p, micro_batch, seq_length, n_devices, checkpointing, method, lora_n,
-            reference_copy,
+            reference_copy, tp,
         )  # fmt: skip
 
     for p in ("32-true", "bf16-mixed", "bf16-true"):
         mem[p] = {"plain": need(p, 1, False), "checkpointed": need(p, 1, True)}
         if devices > 1:
             mem[p]["fsdp"] = need(p, devices, True)
+        if tp > 1:
+            mem[p]["fsdp_tp"] = need(p, devices, True, tp)
     if precision not in mem:
         mem[precision] = {"plain": need(precision, 1, False)}
     peak, gpus = peak_flops(args, precision), args.gpus or devices
@@ -377,7 +406,7 @@ def make_plan(
     plan = Plan(
         config, method, seq_length, micro_batch, tokens, tokens_from, precision, devices, params,
         lora_n, flops, chinchilla(params.total, tokens, flops["6ND"]), mem, peak, args.mfu, gpus,
-        hours, args.dollars_per_gpu_hour,
+        hours, args.dollars_per_gpu_hour, tensor_parallel=tp,
     )  # fmt: skip
     if args.measure:
         plan.measured = measure(config, precision, micro_batch, seq_length, args.measure_steps)
@@ -492,6 +521,9 @@ def _memory_table(p: Plan) -> list[str]:
     extra.append(("checkpointed", "total", "total, activation checkpointing"))
     if p.devices > 1:
         extra.append(("fsdp", "total", f"total, FSDP over {p.devices} devices + checkpointing"))
+    if p.tensor_parallel > 1:
+        dp, tp = p.devices // p.tensor_parallel, p.tensor_parallel
+        extra.append(("fsdp_tp", "total", f"total, FSDP {dp} x TP {tp} + checkpointing"))
     for variant, part, label in extra:
         cells = "".join(
             f"{_gb(p.memory[x][variant][part]) if variant in p.memory[x] else '-':>12}"

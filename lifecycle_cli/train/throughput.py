@@ -53,21 +53,25 @@ def peak_flops(device_type: str, precision: str) -> float:
 def matmul_probe(device_type: str, dtype: torch.dtype, size: int = 1024, trials: int = 10) -> float:
     """Measured FLOP/s of square matmuls on this device with the current thread count.
 
-    The best of a few short trials, so a busy moment does not pass for the peak.
+    The best of a few short trials, so a busy moment does not pass for the peak. On CPU the
+    matmul is the one training's linear layers use (`linear.matmul_t`: oneDNN in float32),
+    so the MFU is against what this machine can do that way.
     """
+    from lifecycle_cli.linear import matmul_t
+
     # A generator of its own: the global one drives dropout, and a resumed run must find it
     # exactly as the step folder saved it.
     rng = torch.Generator(device=device_type).manual_seed(0)
     a = torch.randn(size, size, device=device_type, dtype=dtype, generator=rng)
     b = torch.randn(size, size, device=device_type, dtype=dtype, generator=rng)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    a @ b  # warm-up
+    matmul_t(a, b)  # warm-up
     best, reps = 0.0, 4 if device_type == "cpu" else 50
     for _ in range(trials):
         sync()
         start = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            matmul_t(a, b)
         sync()
         best = max(best, 2 * size**3 * reps / (time.perf_counter() - start))
     return best
