@@ -59,6 +59,31 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
         post_attention_norm=True, post_mlp_norm=True, qk_norm=True, sliding_window=16,
         sliding_window_pattern=3, rope_base=1e6, rope_local_base=10000.0,
     ),
+    "mixtral": dict(
+        _COMMON, hf_model_type="mixtral", mlp="moe", n_expert=4, n_expert_per_token=2,
+        rope_base=1e6,
+    ),
+    "qwen3_moe": dict(
+        _COMMON, hf_model_type="qwen3_moe", mlp="moe", n_expert=4, n_expert_per_token=2,
+        expert_intermediate_size=32, qk_norm=True, head_size=32, rope_base=1e6, norm_eps=1e-6,
+    ),
+    "gpt2": dict(
+        _COMMON, hf_model_type="gpt2", norm="layernorm", mlp="gelu", gelu_approximate="tanh",
+        bias=True, position_embedding="learned", n_query_groups=4, tie_embeddings=True,
+    ),
+    "gpt_neox": dict(
+        _COMMON, hf_model_type="gpt_neox", norm="layernorm", mlp="gelu", bias=True,
+        rotary_percentage=0.25, parallel_residual=True, n_query_groups=4,
+    ),
+    "phi3": dict(_COMMON, hf_model_type="phi3", rope_base=10000.0),
+    "olmo2": dict(
+        _COMMON, hf_model_type="olmo2", pre_norm=False, post_attention_norm=True,
+        post_mlp_norm=True, qk_norm=True, qk_norm_scope="all", norm_eps=1e-6, rope_base=5e5,
+    ),
+    "smollm3": dict(
+        _COMMON, hf_model_type="smollm3", n_layer=4, nope_layers=[3], tie_embeddings=True,
+        rope_base=5e6,
+    ),
 }  # fmt: skip
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -128,14 +153,15 @@ SEQ, NEW, Q8_POSITIONS, DECODE, TRAIN_STEPS = 64, 24, 100, 128, 60
 @contextmanager
 def llama_cpp_gelu():
     """GELU as llama.cpp's CPU backend computes it (GGML_GELU_FP16: the input rounded to fp16,
-    looked up in a table of fp16 values; exact beyond +-10), to tell its rounding from ours."""
+    looked up in a table of fp16 values of the tanh approximation, whatever GELU the model was
+    trained with; x beyond +-10), to tell its rounding from ours."""
     import torch
     import torch.nn.functional as F
 
     exact = F.gelu
 
-    def table(x, approximate="none"):
-        y = exact(x.half().float(), approximate=approximate).half().float()
+    def table(x, approximate="none"):  # ggml's table holds the tanh approximation, always
+        y = exact(x.half().float(), approximate="tanh").half().float()
         return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
 
     F.gelu = table

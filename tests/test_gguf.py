@@ -6,6 +6,7 @@ and imports back with equal logits; the chat template and Ollama Modelfile of a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -181,26 +182,41 @@ def tiny(tmp_path_factory):
 
 
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-        "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}  # fmt: skip
+        "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "mixtral": "llama",
+        "qwen3_moe": "qwen3moe", "gpt2": "gpt2",
+        "gpt_neox": "gptneox", "phi3": "phi3", "olmo2": "olmo2", "smollm3": "smollm3"}  # fmt: skip
 
 
 def expected_gguf_tensors(family: str, hf_dir: Path) -> dict[str, np.ndarray]:
     """What llama.cpp's converter makes of the Hugging Face weights: gguf's names, Llama's q/k
-    rows permuted, Gemma's norms + 1, Llama 3's rope factors."""
+    rows permuted, Gemma's norms + 1, GPT-2's Conv1D weights transposed, GPT-NeoX's per-head
+    q|k|v rows regrouped as q, k, v, Llama 3's rope factors."""
     from safetensors.numpy import load_file
 
     hf = json.loads((hf_dir / "config.json").read_text())
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == ARCH[family])
-    names = gguf.get_tensor_name_map(arch, hf["num_hidden_layers"])
-    out = {}
+    names = gguf.get_tensor_name_map(arch, hf.get("num_hidden_layers") or hf["n_layer"])
+    out, experts = {}, {}
     for name, t in load_file(hf_dir / "model.safetensors").items():
         t = t.astype(np.float32)
-        if ARCH[family] == "llama" and ("q_proj" in name or "k_proj" in name):
+        if ARCH[family] in ("llama", "smollm3") and ("q_proj" in name or "k_proj" in name):
             heads = hf["num_attention_heads"] if "q_proj" in name else hf["num_key_value_heads"]
             t = t.reshape(heads, 2, t.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(t.shape)
         if family.startswith("gemma") and name.endswith("norm.weight"):
             t = t + 1
+        if family == "gpt2" and name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            t = t.T
+        if family == "gpt_neox" and "query_key_value" in name:
+            heads = hf["num_attention_heads"]
+            t = t.reshape(heads, 3, -1, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
+        expert = re.search(r"\.experts\.(\d+)\.", name)
+        if expert:  # llama.cpp stacks a layer's experts in one tensor
+            merged = names.get_name(name.replace(expert.group(0), ".experts."), (".weight",))
+            experts.setdefault(merged, {})[int(expert.group(1))] = t
+            continue
         out[names.get_name(name, try_suffixes=(".weight", ".bias"))] = t
+    for merged, parts in experts.items():
+        out[merged] = np.stack([parts[e] for e in range(len(parts))])
     if family == "llama":
         out["rope_freqs.weight"] = None  # checked through the round trip's logits
     return out
@@ -227,7 +243,8 @@ def test_to_gguf_writes_what_llama_cpp_reads_and_imports_back_equal(family, tiny
             if want is None:
                 continue
             got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
-            assert t.tensor_type == (qtype if want.ndim == 2 else Q.F32), t.name
+            f32 = want.ndim == 1 or t.name.endswith(("ffn_gate_inp.weight", "position_embd.weight"))
+            assert t.tensor_type == (Q.F32 if f32 else qtype), t.name
             assert np.abs(got - want).max() <= bound * np.abs(want).max(), (dtype, t.name)
         meta, arch = metadata(reader), ARCH[family]
         assert meta["general.architecture"] == arch
@@ -237,8 +254,15 @@ def test_to_gguf_writes_what_llama_cpp_reads_and_imports_back_equal(family, tiny
         assert meta[f"{arch}.attention.head_count"] == config.n_head
         assert meta[f"{arch}.attention.head_count_kv"] == config.n_query_groups
         assert meta[f"{arch}.attention.key_length"] == config.head_size
-        assert meta[f"{arch}.rope.freq_base"] == pytest.approx(config.rope_base)
-        assert meta[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(config.norm_eps)
+        if config.position_embedding == "rope":
+            assert meta[f"{arch}.rope.freq_base"] == pytest.approx(config.rope_base)
+            assert meta[f"{arch}.rope.dimension_count"] == config.rope_n_elem
+        else:
+            assert not any(key.startswith(f"{arch}.rope.") for key in meta)
+        eps = "layer_norm_epsilon" if config.norm == "layernorm" else "layer_norm_rms_epsilon"
+        assert meta[f"{arch}.attention.{eps}"] == pytest.approx(config.norm_eps)
+        if arch == "gptneox":
+            assert meta[f"{arch}.use_parallel_residual"] == config.parallel_residual
         assert meta[f"{arch}.context_length"] == config.block_size
         if config.sliding_window:
             assert meta[f"{arch}.attention.sliding_window"] == config.sliding_window
@@ -269,16 +293,28 @@ def test_to_gguf_writes_what_llama_cpp_reads_and_imports_back_equal(family, tiny
 
 
 def test_families_llama_cpp_cannot_run_are_refused_before_writing(tiny, tmp_path, capsys):
-    gpt2 = tiny_checkpoint("llama", tmp_path / "gpt2", tiny["llama"][0])
-    config = load_config(gpt2).to_dict()
-    config.update(hf_model_type="gpt2", norm="layernorm", mlp="gelu", bias=True)
-    (gpt2 / "model_config.yaml").write_text(yaml.safe_dump(config))
+    gpt_oss = tmp_path / "gpt_oss"
+    shutil.copytree(tiny["llama"][0], gpt_oss)
+    config = load_config(gpt_oss).to_dict()
+    config.update(hf_model_type="gpt_oss")
+    (gpt_oss / "model_config.yaml").write_text(yaml.safe_dump(config))
+    neox_gqa = tiny_checkpoint("llama", tmp_path / "neox", tiny["llama"][0])
+    config = load_config(neox_gqa).to_dict()
+    config.update(hf_model_type="gpt_neox", norm="layernorm", mlp="gelu", bias=True, attn_bias=True)
+    (neox_gqa / "model_config.yaml").write_text(yaml.safe_dump(config))
+    smollm3 = tmp_path / "smollm3"
+    shutil.copytree(tiny["smollm3"][0], smollm3)
+    config = load_config(smollm3).to_dict()
+    config.update(nope_layers=[1])
+    (smollm3 / "model_config.yaml").write_text(yaml.safe_dump(config))
     gemma2 = tmp_path / "gemma2"
     shutil.copytree(tiny["gemma2"][0], gemma2)
     config = load_config(gemma2).to_dict()
     config.update(attention_scale=12**-0.5)
     (gemma2 / "model_config.yaml").write_text(yaml.safe_dump(config))
-    for ckpt, message in ((gpt2, "the gpt2 family cannot be written as GGUF"),
+    for ckpt, message in ((gpt_oss, "the gpt_oss family cannot be written as GGUF"),
+                          (neox_gqa, "gptneox cannot run grouped-query attention"),
+                          (smollm3, "other than every 4th"),
                           (gemma2, "cannot run attention_scale other than")):  # fmt: skip
         code = cli.main(["convert", "to_gguf", str(ckpt), "--out_file", str(tmp_path / "x.gguf")])
         err = capsys.readouterr().err

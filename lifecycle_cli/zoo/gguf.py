@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +40,33 @@ class Arch:
     exported: tuple[str, ...]  # our hf_model_types written as this architecture
     permute_qk: bool = False  # llama.cpp's rotary layout: q/k rows interleaved per head
     norm_offset: float = 0.0  # Gemma: llama.cpp's RMSNorm multiplies by the stored weight
+    norm: str = "rmsnorm"  # the norm llama.cpp computes ("layernorm": with a bias)
+    mlp: str = "swiglu"  # the MLP llama.cpp computes
+    rope: bool = True  # False: learned position embeddings (GPT-2)
+    biases: bool = False  # biases on every linear layer and norm, required (GPT-2, GPT-NeoX)
+    post_norm: bool = False  # norms after attention and MLP (Gemma 2/3 beside pre-norms; OLMo 2)
 
 
 ARCHES = (
     # llama.cpp runs Mistral checkpoints as `llama` (its own converter writes them so).
-    Arch("llama", "llama", ("llama", "mistral"), permute_qk=True),
+    Arch("llama", "llama", ("llama", "mistral", "mixtral"), permute_qk=True),
     Arch("qwen2", "qwen2", ("qwen2",)),
     Arch("qwen3", "qwen3", ("qwen3",)),
-    Arch("gemma", "gemma", ("gemma",), norm_offset=1.0),
-    Arch("gemma2", "gemma2", ("gemma2",), norm_offset=1.0),
-    Arch("gemma3", "gemma3_text", ("gemma3_text", "gemma3"), norm_offset=1.0),
-)
+    Arch("qwen3moe", "qwen3_moe", ("qwen3_moe",)),
+    Arch("gemma", "gemma", ("gemma",), norm_offset=1.0, mlp="geglu"),
+    Arch("gemma2", "gemma2", ("gemma2",), norm_offset=1.0, mlp="geglu", post_norm=True),
+    Arch("gemma3", "gemma3_text", ("gemma3_text", "gemma3"), norm_offset=1.0, mlp="geglu",
+         post_norm=True),
+    Arch("gpt2", "gpt2", ("gpt2",), norm="layernorm", mlp="gelu", rope=False, biases=True),
+    Arch("gptneox", "gpt_neox", ("gpt_neox",), norm="layernorm", mlp="gelu", biases=True),
+    Arch("phi3", "phi3", ("phi3",)),
+    Arch("olmo2", "olmo2", ("olmo2",), post_norm=True),
+    Arch("smollm3", "smollm3", ("smollm3",), permute_qk=True),
+)  # fmt: skip
+# GPT-2's Conv1D weights, stored (in, out) by Hugging Face and (out, in) by llama.cpp
+GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+EXPERT = re.compile(r"\.experts\.(\d+)\.")  # a Hugging Face tensor of one expert
+SMOLLM3_NOPE_STEP = 4  # llama.cpp fixes it (no GGUF key): layer i skips RoPE where (i+1) % 4 == 0
 
 # llama.cpp's names for pre-tokenizers (tokenizer.ggml.pre) and the tokenizer.json regex each
 # stands for (None: byte-level BPE's own GPT-2 regex).
@@ -129,14 +146,35 @@ def hf_config_from_gguf(meta: dict[str, Any], names: set[str], vocab_rows: int, 
             raise UserError(f"{path}: {arch.name}.{key} differs per layer; not supported")
         return value
 
-    if get("expert_count"):
-        raise UserError(f"{path}: mixture-of-experts GGUF files are not supported yet")
+    n_expert = get("expert_count")
+    if n_expert and arch.name not in ("llama", "qwen3moe"):
+        raise UserError(f"{path}: mixture-of-experts {arch.name} files are not supported")
     n_head, n_embd, n_layer = (
         need("attention.head_count"),
         need("embedding_length"),
         need("block_count"),
     )
-    head_dim = get("attention.key_length") or get("rope.dimension_count") or n_embd // n_head
+    head_dim = get("attention.key_length") or n_embd // n_head
+    if arch.name == "gpt2":
+        return arch, dict(
+            model_type="gpt2", n_positions=get("context_length", 1024), n_embd=n_embd,
+            n_layer=n_layer, n_head=n_head, n_inner=need("feed_forward_length"),
+            layer_norm_epsilon=get("attention.layer_norm_epsilon", 1e-5),
+            activation_function="gelu_new", vocab_size=vocab_rows,
+            tie_word_embeddings="output.weight" not in names,
+        )  # fmt: skip
+    if arch.name == "gptneox":
+        # llama.cpp computes GELU with its tanh approximation; Pythia was trained with the exact one
+        return arch, dict(
+            model_type="gpt_neox", max_position_embeddings=get("context_length", 2048),
+            hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+            intermediate_size=need("feed_forward_length"),
+            rotary_pct=get("rope.dimension_count", head_dim) / head_dim,
+            rotary_emb_base=float(get("rope.freq_base", 10000.0)),
+            layer_norm_eps=get("attention.layer_norm_epsilon", 1e-5), hidden_act="gelu",
+            use_parallel_residual=bool(get("use_parallel_residual", True)),
+            vocab_size=vocab_rows, tie_word_embeddings="output.weight" not in names,
+        )  # fmt: skip
     hf: dict[str, Any] = dict(
         model_type=arch.model_type,
         max_position_embeddings=get("context_length", 4096),
@@ -155,6 +193,16 @@ def hf_config_from_gguf(meta: dict[str, Any], names: set[str], vocab_rows: int, 
         raise UserError(f"{path}: {arch.name}.attention.head_count_kv differs per layer")
     if get("rope.dimension_count", head_dim) != head_dim:
         raise UserError(f"{path}: partial rotary embeddings are not supported")
+    if arch.name == "smollm3":
+        hf["no_rope_layer_interval"] = SMOLLM3_NOPE_STEP
+    if n_expert and arch.name == "llama":  # Mixtral, as llama.cpp runs it
+        hf.update(model_type="mixtral", num_local_experts=n_expert,
+                  num_experts_per_tok=need("expert_used_count"))  # fmt: skip
+    elif n_expert:
+        hf.update(
+            num_experts=n_expert, num_experts_per_tok=need("expert_used_count"),
+            moe_intermediate_size=need("expert_feed_forward_length"), norm_topk_prob=True,
+        )  # fmt: skip
     scaling = get("rope.scaling.type")
     if scaling == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
@@ -217,27 +265,33 @@ def llama3_scaling(factors: np.ndarray, hf: dict[str, Any], path: Path) -> dict[
 
 
 def hf_names(config: Config) -> list[str]:
-    """Every Hugging Face tensor name of a (dense) model of `config`."""
+    """Every Hugging Face tensor name of a model of `config` (a layer's experts in order)."""
     from lifecycle_cli.zoo import family_for
 
     names = []
+    layers, moe_layers = range(config.n_layer), [i for i in range(config.n_layer) if
+                                                 config.is_moe(i)]  # fmt: skip
     for rule in family_for(config.hf_model_type).weight_rules(config):
         for name in rule.hf:
-            if "{}" in name:
-                names += [name.format(i) for i in range(config.n_layer)]
+            if name.count("{}") == 2:  # layer, expert
+                names += [name.format(i, e) for i in moe_layers for e in range(config.n_expert)]
+            elif "{}" in name:
+                names += [name.format(i) for i in layers]
             else:
                 names.append(name)
     return names
 
 
 def name_table(arch: Arch, config: Config) -> dict[str, str]:
-    """Hugging Face tensor name -> GGUF tensor name, by gguf's own table."""
+    """Hugging Face tensor name -> GGUF tensor name, by gguf's own table (every expert of a
+    layer -> the one tensor that stacks them)."""
     import gguf
 
     tensor_map = gguf.get_tensor_name_map(gguf_arch(arch), config.n_layer)
     table = {}
     for name in hf_names(config):
-        gguf_name = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        merged = EXPERT.sub(".experts.", name)
+        gguf_name = tensor_map.get_name(merged, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UserError(f"llama.cpp's {arch.name} has no tensor for {name}")
         table[name] = gguf_name
@@ -261,12 +315,18 @@ def permute_qk(w: torch.Tensor, n_head: int, to_gguf: bool) -> torch.Tensor:
 
 def to_llama_cpp(name: str, t: torch.Tensor, arch: Arch, config: Config, to_gguf: bool):
     """A Hugging Face tensor in llama.cpp's layout (to_gguf) or back."""
+    from lifecycle_cli.zoo.convert import transform
+
     if arch.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
         return permute_qk(t, config.n_head, to_gguf)
     if arch.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
         return permute_qk(t, config.n_query_groups, to_gguf)
     if arch.norm_offset and name.endswith("norm.weight"):
         return t + arch.norm_offset if to_gguf else t - arch.norm_offset
+    if arch.name == "gpt2" and name.endswith(GPT2_CONV1D):
+        return t.T.contiguous()
+    if arch.name == "gptneox" and ".query_key_value." in name:  # heads interleaved -> q; k; v
+        return transform("neox_qkv", [t], config, to_ours=to_gguf)[0]
     return t
 
 
@@ -296,11 +356,13 @@ def import_gguf(
         )
         hf["rope_scaling"] = llama3_scaling(np.asarray(factors).reshape(-1), hf, path)
     config = config_from_hf(hf, name or meta.get("general.name") or path.stem)
-    from_gguf = {g: h for h, g in name_table(arch, config).items()}
+    from_gguf: dict[str, list[str]] = {}  # several names: that layer's experts, in order
+    for hf_name, gguf_name in name_table(arch, config).items():
+        from_gguf.setdefault(gguf_name, []).append(hf_name)
     unknown = sorted(set(tensors) - set(from_gguf) - {"rope_freqs.weight"})
     if unknown:
         raise UserError(f"{path}: unexpected tensor {unknown[0]!r} for a {arch.name} model")
-    tokenizer_files = tokenizer_from_gguf(meta, path, hf["max_position_embeddings"])
+    tokenizer_files = tokenizer_from_gguf(meta, path, config.block_size)
 
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for t in reader.tensors:
@@ -314,8 +376,11 @@ def import_gguf(
                 ) from None
             shape = tuple(int(d) for d in reversed(t.shape))
             tensor = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
-            hf_name = from_gguf[t.name]
-            yield hf_name, to_llama_cpp(hf_name, tensor, arch, config, to_gguf=False)
+            targets = from_gguf[t.name]
+            if EXPERT.search(targets[0]):  # (experts, ...) -> one tensor per expert
+                yield from ((name, part.clone()) for name, part in zip(targets, tensor))
+            else:
+                yield targets[0], to_llama_cpp(targets[0], tensor, arch, config, to_gguf=False)
 
     with atomic_dir(out_dir) as tmp:
         write_converted(tmp, config, hf_tensors(), target, DEFAULT_SHARD_BYTES, path)
@@ -408,37 +473,65 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Path, context: int) -> dict[
 # --------------------------------------------------------------------------------------------
 # Writing
 
-# --dtype -> (type of 2-D weights, general.file_type); 1-D tensors (norms, biases) stay F32.
+# --dtype -> (type of 2-D weights, general.file_type); 1-D tensors (norms, biases) stay F32,
+# and so do the tensors llama.cpp's converter always keeps F32 (routers, learned positions).
+ALWAYS_F32 = ("ffn_gate_inp.weight", "position_embd.weight")
 EXPORT_DTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
                  "q4_0": ("Q4_0", 2)}  # fmt: skip
 
 
 def check_exportable(config: Config, arch: Arch, source: Path) -> None:
     """Refuse, naming it, what llama.cpp's `arch` would not compute as our model does."""
-    gemma2, gemma3 = arch.name == "gemma2", arch.name == "gemma3"
+    gemma2, gemma3, olmo2 = (arch.name == n for n in ("gemma2", "gemma3", "olmo2"))
+    nope, moe = sorted(config.nope_layers or ()), config.mlp == "moe"
+    every_4th = [i for i in range(config.n_layer) if (i + 1) % SMOLLM3_NOPE_STEP == 0]
     refused = [
-        (config.mlp == "moe", "mixture-of-experts layers"),
-        (config.norm != "rmsnorm", f"norm {config.norm!r}"),
-        (config.position_embedding != "rope", "learned position embeddings"),
-        (config.rotary_percentage != 1.0, "partial rotary embeddings"),
-        (bool(config.nope_layers), "layers without RoPE (nope_layers)"),
-        (config.bias, "biases on the attention output and MLP (bias: true)"),
-        (config.attn_bias and arch.name not in ("llama", "qwen2"), "q/k/v biases"),
+        (moe and arch.name not in ("llama", "qwen3moe"), "mixture-of-experts layers"),
+        (moe and bool(config.dense_layers), "dense layers between mixture-of-experts layers"),
+        (moe and not config.moe_norm_topk, "experts' weights left unnormalised (norm_topk_prob)"),
+        (moe and arch.name == "llama" and config.expert_intermediate_size !=
+         config.intermediate_size, "experts narrower than intermediate_size"),
+        (config.router_bias, "a router bias"),
+        (config.swiglu_limit is not None, "a clamped SwiGLU"),
+        (config.norm != arch.norm, f"norm {config.norm!r}"),
+        ((config.position_embedding == "rope") != arch.rope,
+         "learned position embeddings" if arch.rope else "RoPE"),
+        (config.rotary_percentage != 1.0 and arch.name != "gptneox", "partial rotary embeddings"),
+        (bool(nope) and arch.name != "smollm3", "layers without RoPE (nope_layers)"),
+        (arch.name == "smollm3" and nope != every_4th,
+         "layers without RoPE other than every 4th (llama.cpp's fixed SmolLM3 pattern)"),
+        (config.bias != arch.biases, "biases on the attention output and MLP (bias: true)"
+         if config.bias else "linear layers without biases"),
+        (config.attn_bias and arch.name not in ("llama", "qwen2", "gpt2", "gptneox"),
+         "q/k/v biases"),
+        (arch.biases and not config.attn_bias, "q/k/v without biases"),
+        (config.n_query_groups != config.n_head and arch.name in ("gpt2", "gptneox"),
+         "grouped-query attention"),
         (config.lm_head_bias, "a bias on the output head"),
-        (config.qk_norm and arch.name not in ("qwen3", "gemma3"), "QK-norm"),
-        (config.qk_norm and config.qk_norm_scope != "head", "QK-norm over whole projections"),
+        (config.qk_norm and arch.name not in ("qwen3", "qwen3moe", "gemma3", "olmo2"),
+         "QK-norm"),
+        (olmo2 and not config.qk_norm, "attention without QK-norm"),
+        (config.qk_norm and config.qk_norm_scope != ("all" if olmo2 else "head"),
+         f"QK-norm over {'each head' if olmo2 else 'whole projections'}"),
         (config.attention_sinks, "attention sinks"),
         (config.attention_logit_softcapping is not None and not gemma2, "attention soft-capping"),
         (config.final_logit_softcapping is not None and not (gemma2 or gemma3),
          "final logit soft-capping"),
-        (config.post_attention_norm != (gemma2 or gemma3), "norms after attention and MLP"),
-        (config.parallel_residual or not config.pre_norm, "this residual layout"),
+        ((config.post_attention_norm, config.post_mlp_norm) != (arch.post_norm,) * 2,
+         "this layout of norms after attention and MLP"),
+        (config.pre_norm == olmo2, "this layout of norms before attention and MLP"),
+        (config.parallel_residual and arch.name != "gptneox", "this residual layout"),
         (config.rope_local_base is not None and not gemma3, "a RoPE base for local layers"),
         ((config.rope_scaling or {}).get("type") == "llama3" and arch.name != "llama",
          "Llama 3 RoPE scaling"),
+        (bool(config.rope_scaling) and not arch.rope, "RoPE scaling"),
         (gemma2 and config.sliding_window_pattern != 2, "this sliding-window pattern"),
         (config.norm_unit_offset != bool(arch.norm_offset), "this RMSNorm offset"),
-        (config.mlp != ("geglu" if arch.norm_offset else "swiglu"), f"mlp {config.mlp!r}"),
+        (config.scale_embeddings != bool(arch.norm_offset), "scaled input embeddings"),
+        (("swiglu" if moe else config.mlp) != arch.mlp, f"mlp {config.mlp!r}"),
+        (config.attention_scale is not None and not (gemma2 or gemma3)
+         and abs(config.attention_scale - config.head_size**-0.5) > 1e-6,
+         "a query scale other than 1/sqrt(head size)"),
     ]  # fmt: skip
     if gemma2 or gemma3:  # llama.cpp fixes the query scale from the model's shape
         big = config.n_layer == (46 if gemma2 else 62)
@@ -582,16 +675,26 @@ def export_gguf(
     scaling = config.rope_scaling or {}
 
     def gguf_tensors(tensors) -> Iterator[tuple[str, torch.Tensor]]:
+        experts: dict[str, dict[int, torch.Tensor]] = {}  # llama.cpp stacks a layer's experts
         for hf_name, t in remap(tensors, rules, config, to_ours=False):
-            yield table[hf_name], to_llama_cpp(hf_name, t.float(), arch, config, to_gguf=True)
+            name, t = table[hf_name], to_llama_cpp(hf_name, t.float(), arch, config, to_gguf=True)
+            expert = EXPERT.search(hf_name)
+            if expert is None:
+                yield name, t
+                continue
+            stack = experts.setdefault(name, {})
+            stack[int(expert.group(1))] = t
+            if len(stack) == config.n_expert:
+                yield name, torch.stack([stack[e] for e in range(config.n_expert)])
+                del experts[name]
         if scaling.get("type") == "llama3":  # llama.cpp reads the per-frequency factors
             n = config.rope_n_elem
             inv = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.float32) / n))
             yield "rope_freqs.weight", inv / llama3_inv_freq(inv, scaling)
 
-    def qtype_of(shape: tuple[int, ...]):
+    def qtype_of(name: str, shape: tuple[int, ...]):
         q = gguf.GGMLQuantizationType
-        if len(shape) == 1 or weight_type == q.F32:
+        if len(shape) == 1 or weight_type == q.F32 or name.endswith(ALWAYS_F32):
             return q.F32
         block = gguf.GGML_QUANT_SIZES[weight_type][0]
         return weight_type if shape[-1] % block == 0 else q.F16  # llama.cpp's fallback
@@ -604,7 +707,7 @@ def export_gguf(
             return data.astype(np.float16)
         return gguf.quants.quantize(data, qtype)
 
-    infos = [(name, tuple(t.shape), qtype_of(tuple(t.shape))) for name, t in
+    infos = [(name, tuple(t.shape), qtype_of(name, tuple(t.shape))) for name, t in
              gguf_tensors(meta_tensors(files))]  # fmt: skip
     context = config.block_size
     if config.sliding_window and arch.name not in ("gemma2", "gemma3"):
@@ -656,11 +759,22 @@ def write_metadata(w, config: Config, arch: Arch, vocab: GGUFVocab, context: int
     w.add_head_count_kv(config.n_query_groups)
     w.add_key_length(config.head_size)
     w.add_value_length(config.head_size)
-    w.add_rope_dimension_count(config.rope_n_elem)
-    w.add_rope_freq_base(config.rope_base)
-    w.add_layer_norm_rms_eps(config.norm_eps)
+    if arch.rope:
+        w.add_rope_dimension_count(config.rope_n_elem)
+        w.add_rope_freq_base(config.rope_base)
+    if arch.norm == "layernorm":
+        w.add_layer_norm_eps(config.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(config.norm_eps)
+    if arch.name == "gptneox":
+        w.add_parallel_residual(config.parallel_residual)
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(file_type)
+    if config.mlp == "moe":
+        w.add_expert_count(config.n_expert)
+        w.add_expert_used_count(config.n_expert_per_token)
+        if arch.name == "qwen3moe":
+            w.add_expert_feed_forward_length(config.expert_intermediate_size)
     scaling = config.rope_scaling or {}
     if scaling.get("type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
