@@ -746,11 +746,23 @@ def export_gguf(
     return out_file, config
 
 
+PHI3_TOKENS = {"</s>", "<unk>", "<s>", "<|endoftext|>"}
+
+
+def gguf_model_name(name: str, vocab: GGUFVocab) -> str:
+    """general.name. llama.cpp sets Phi-3's token attributes when the name says `phi3` or
+    `phi-3`, and fails to load a file whose vocabulary lacks those tokens: such a name is
+    written as `phi_3`."""
+    if re.search("phi-?3", name, flags=re.I) and not PHI3_TOKENS <= set(vocab.tokens):
+        return re.sub("phi-?3", "phi_3", name, flags=re.I)
+    return name
+
+
 def write_metadata(w, config: Config, arch: Arch, vocab: GGUFVocab, context: int, file_type: int,
                    source: Path) -> None:  # fmt: skip
     import gguf
 
-    w.add_name(config.name or source.name)
+    w.add_name(gguf_model_name(config.name or source.name, vocab))
     w.add_context_length(context)
     w.add_embedding_length(config.n_embd)
     w.add_block_count(config.n_layer)
