@@ -241,6 +241,7 @@ def test_synthetic_pairs_reject_a_plausible_wrong_answer():
 
 
 def test_synthetic_validation_pairs_do_not_change_with_the_training_size():
-    assert synthetic_pairs("add,lookup", 20, 10, seed=3)[1] == synthetic_pairs(
-        "add,lookup", 50, 10, seed=3
-    )[1]
+    assert (
+        synthetic_pairs("add,lookup", 20, 10, seed=3)[1]
+        == synthetic_pairs("add,lookup", 50, 10, seed=3)[1]
+    )
