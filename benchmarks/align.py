@@ -10,8 +10,8 @@ float32, peak RSS (VmHWM); on CUDA: bfloat16 and torch.cuda.max_memory_allocated
 
 Pipeline (`python -m benchmarks.align pipeline --base DIR`): finetune the base with a finetune
 recipe, align the result with an align recipe on pairs of the same tasks, and print preference
-accuracy and exact match before and after alignment (held-out prompts), and the wall time of
-each stage:
+accuracy and exact match before and after alignment (held-out prompts), and the wall and CPU
+time of each stage:
 
     python -m benchmarks.align pipeline --base out/pretrain/tiny/final --tasks held_out
 """
@@ -119,12 +119,18 @@ def run() -> list[Row]:
     return rows
 
 
-def stage(args: list[str]) -> float:
-    """Run one `llmcycle` command (output shown); its wall time in seconds."""
+def stage(args: list[str]) -> tuple[float, float]:
+    """Run one `llmcycle` command (output shown); its (wall, CPU) time in seconds."""
+    import resource
+
+    def cpu() -> float:
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return used.ru_utime + used.ru_stime
+
     print("$ llmcycle " + " ".join(args), flush=True)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), cpu()
     subprocess.run([sys.executable, "-m", "lifecycle_cli", *args], cwd=REPO, check=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu() - start_cpu
 
 
 def pipeline(argv: list[str]) -> None:
@@ -143,9 +149,9 @@ def pipeline(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     tasks = ["--data.synthetic", args.tasks] if args.tasks else []
     sft_out, align_out = args.out.resolve() / "sft", args.out.resolve() / "align"
-    sft_s = stage(["finetune", str(args.base.resolve()), "--config", args.sft, *tasks,
+    sft_s, sft_cpu = stage(["finetune", str(args.base.resolve()), "--config", args.sft, *tasks,
                    "--out_dir", str(sft_out), *args.sft_flags.split()])  # fmt: skip
-    align_s = stage(["align", str(sft_out / "final"), "--config", args.align, *tasks,
+    align_s, align_cpu = stage(["align", str(sft_out / "final"), "--config", args.align, *tasks,
                      "--eval.initial_validation", "true", "--out_dir", str(align_out),
                      *args.align_flags.split()])  # fmt: skip
     rows = [r for r in read_metrics(align_out / "metrics.csv") if r["val_loss"]]
@@ -157,12 +163,15 @@ def pipeline(argv: list[str]) -> None:
         "after": {k: float(after[k]) for k in keys if after.get(k)},
         "sft_seconds": round(sft_s, 1),
         "align_seconds": round(align_s, 1),
+        "sft_cpu_seconds": round(sft_cpu, 1),
+        "align_cpu_seconds": round(align_cpu, 1),
     }
     print(f"\n{'':<16}{'before':>10}{'after':>10}")
     for k in keys:
         if k in report["before"]:
             print(f"{k:<16}{report['before'][k]:>10.4f}{report['after'][k]:>10.4f}")
-    print(f"wall time: finetune {sft_s:.0f} s, align {align_s:.0f} s")
+    print(f"wall time: finetune {sft_s:.0f} s, align {align_s:.0f} s; CPU time: finetune "
+          f"{sft_cpu:.0f} s, align {align_cpu:.0f} s")  # fmt: skip
     print(json.dumps(report))
 
 

@@ -238,3 +238,10 @@ def test_synthetic_pairs_reject_a_plausible_wrong_answer():
     wrong = {corrupt("4 2", rng) for _ in range(100)}
     assert wrong >= {"5 2", "3 2", "4 3", "4 1", "2 4"}
     assert wrong <= {"5 2", "3 2", "4 3", "4 1", "2 4"}
+
+
+def test_synthetic_validation_pairs_do_not_change_with_the_training_size():
+    assert (
+        synthetic_pairs("add,lookup", 20, 10, seed=3)[1]
+        == synthetic_pairs("add,lookup", 50, 10, seed=3)[1]
+    )

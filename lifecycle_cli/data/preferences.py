@@ -161,13 +161,14 @@ def synthetic_pairs(
     tasks: str | Sequence[str], n_train: int, n_val: int, seed: int = 42
 ) -> tuple[list[dict], list[dict]]:
     """(train, validation) pairs of the synthetic tasks' examples (`synthetic.make_examples`,
-    same split): chosen is the right answer, rejected `corrupt(answer)`."""
+    same split): chosen is the right answer, rejected `corrupt(answer)`. Each part corrupts from
+    a random stream of its own: the validation pairs do not change with the training size."""
     from lifecycle_cli.data.synthetic import make_examples
 
     train, val = make_examples(tasks, n_train, n_val, seed)
-    rng = random.Random(f"llmcycle-preferences/{seed}")
 
     def pairs(examples: list[dict], part: str) -> list[dict]:
+        rng = random.Random(f"llmcycle-preferences/{seed}/{part}")
         return [
             {
                 "prompt": ex["instruction"],

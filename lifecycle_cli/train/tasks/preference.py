@@ -320,7 +320,7 @@ class PreferenceTask(CheckpointTask):
             if self.em_samples > 0:
                 items = self.exact_match_items()[: self.em_samples]
                 out["exact_match"] = exact_match(unwrap(model), self.tokenizer, items,
-                                                 self.max_new_tokens)  # fmt: skip
+                                                 self.max_new_tokens, self.style.stop)  # fmt: skip
             return out
 
         return measure
