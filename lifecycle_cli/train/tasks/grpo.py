@@ -76,6 +76,27 @@ class GRPOSettings:
             if not ok:
                 raise UserError(message)
 
+    def prompt_ids(self, style, tokenizer, record: dict, seq_length: int) -> list[int]:
+        """A prompt record's token ids in `style`, refused if it leaves no room for
+        max_new_tokens in `seq_length`."""
+        ids = style.encode(tokenizer, style.apply(record["prompt"]))
+        if len(ids) + self.max_new_tokens + 1 > seq_length:
+            raise UserError(
+                f"{record['where']}: the prompt is {len(ids)} tokens; with --max_new_tokens "
+                f"{self.max_new_tokens} it needs more than the {seq_length} of "
+                "--train.max_seq_length (shorten it or raise the length)"
+            )
+        return ids
+
+    def sampling(self, style, seed: int):
+        """How one completion is sampled: these settings, the style's stops, a row's seed."""
+        from lifecycle_cli.generate import SamplingParams
+
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=None,
+            top_p=self.top_p, stop=tuple(style.stop), seed=seed,
+        )  # fmt: skip
+
 
 class PromptStream:
     """Global sample index i -> (rollout, slot, prompt): step s = i // B reads slot i % B of
@@ -168,14 +189,7 @@ class GRPOTask(CheckpointTask):
         return self.train_data, self.val_data
 
     def encode(self, record: dict, seq_length: int) -> tuple[dict, list[int]]:
-        ids = self.style.encode(self.tokenizer, self.style.apply(record["prompt"]))
-        if len(ids) + self.s.max_new_tokens + 1 > seq_length:
-            raise UserError(
-                f"{record['where']}: the prompt is {len(ids)} tokens; with --max_new_tokens "
-                f"{self.s.max_new_tokens} it needs more than the {seq_length} of "
-                "--train.max_seq_length (shorten it or raise the length)"
-            )
-        return record, ids
+        return record, self.s.prompt_ids(self.style, self.tokenizer, record, seq_length)
 
     def model(self, fabric, seq_length: int):
         from lifecycle_cli.checkpoint import load_weights
@@ -228,7 +242,7 @@ class GRPOTask(CheckpointTask):
         buffer."""
         import torch
 
-        from lifecycle_cli.generate import Generator, SamplingParams
+        from lifecycle_cli.generate import Generator
         from lifecycle_cli.objectives import group_advantages
         from lifecycle_cli.rewards import Sample, score
 
@@ -240,11 +254,7 @@ class GRPOTask(CheckpointTask):
             _, ids = self.train_prompts[item]
             for g in range(G):
                 prompts.append(ids)
-                params.append(SamplingParams(
-                    max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=None,
-                    top_p=s.top_p, stop=tuple(self.style.stop),
-                    seed=self.row_seed(rollout, slot, g),
-                ))  # fmt: skip
+                params.append(s.sampling(self.style, self.row_seed(rollout, slot, g)))
         start = time.perf_counter()
         with torch.no_grad():
             completions = Generator(gpt, self.tokenizer).generate_batch(prompts, params)

@@ -81,7 +81,7 @@ class RewardModelTask(PreferenceTask):
 
         from lifecycle_cli.checkpoint import load_model
         from lifecycle_cli.data.preferences import ranked_pairs
-        from lifecycle_cli.generate import Generator, SamplingParams
+        from lifecycle_cli.generate import Generator
         from lifecycle_cli.rewards import Sample, score
 
         s, G = self.sampling, self.sampling.group_size
@@ -95,24 +95,14 @@ class RewardModelTask(PreferenceTask):
         for start in range(0, len(records), chunk):
             items = []
             for n, record in enumerate(records[start : start + chunk], start):
-                ids = self.style.encode(self.tokenizer, self.style.apply(record["prompt"]))
-                if len(ids) + s.max_new_tokens + 1 > seq_length:
-                    raise UserError(
-                        f"{record['where']}: the prompt is {len(ids)} tokens; with "
-                        f"--max_new_tokens {s.max_new_tokens} it needs more than the "
-                        f"{seq_length} of --train.max_seq_length"
-                    )
+                ids = s.prompt_ids(self.style, self.tokenizer, record, seq_length)
                 items.append((n, record, ids))
             prompts = [ids for _, _, ids in items for _ in range(G)]
             params = [
-                SamplingParams(
-                    max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=None,
-                    top_p=s.top_p, stop=tuple(self.style.stop),
-                    seed=((seed * 1_000_003 + salt) * 1_000_033 + n) * 4_099 + g,
-                )
+                s.sampling(self.style, ((seed * 1_000_003 + salt) * 1_000_033 + n) * 4_099 + g)
                 for n, _, _ in items
                 for g in range(G)
-            ]  # fmt: skip
+            ]
             with torch.no_grad():
                 completions = generator.generate_batch(prompts, params)
             samples = [
