@@ -229,6 +229,7 @@ def pythia_shaped(bandwidth: float) -> list[Row]:
 def smollm2(checkpoint: Path, bandwidth: float) -> list[Row]:
 
     from lifecycle_cli import LLM
+    from lifecycle_cli.generate import Generator
 
     variants = {"fp32": None, "int8": "int8", "int4": "int4"}
     llms = {name: LLM.load(checkpoint, quantize=q) for name, q in variants.items()}
@@ -237,6 +238,10 @@ def smollm2(checkpoint: Path, bandwidth: float) -> list[Row]:
     text = documentation_text()
     prompt = tok.encode(text[:2000])[:PROMPT_TOKENS]
     sides = {name: Ours(llm.generator(), prompt) for name, llm in llms.items()}
+    # The compiled step next to the eager one, on the same weights (fp32 against int8).
+    compiled = {f"{name} --compile": name for name in ("fp32", "int8")}
+    for side, name in compiled.items():
+        sides[side] = Ours(Generator(llms[name].model, compile=True), prompt)
     rates = marginal(sides, REAL_SHORT, REAL_LONG, REAL_ROUNDS)
     # Greedy: plain fp32 against speculative (draft: its own int8 weights, 4 tokens a step).
     spec = Ours(speculative.generator(), prompt, greedy=True)
@@ -271,6 +276,16 @@ def smollm2(checkpoint: Path, bandwidth: float) -> list[Row]:
             extra["perplexity_vs_fp32"] = round(ppl[name] / ppl["fp32"] - 1, 4)
         out.append(
             Row(f"decode: SmolLM2-135M, {name}", extra["median"], "tokens/s", {**base, **extra})
+        )
+    compiled_fp32 = statistics.median(rates["fp32 --compile"])
+    for side, name in compiled.items():
+        r = rates[side]
+        extra = {
+            **summary(r), **SAMPLING, "x_fp32": round(statistics.median(r) / fp32_median, 2),
+            "x_fp32_compiled": round(statistics.median(r) / compiled_fp32, 2),
+        }  # fmt: skip
+        out.append(
+            Row(f"decode: SmolLM2-135M, {side}", extra["median"], "tokens/s", {**base, **extra})
         )
     plain = statistics.median(greedy_rates["fp32 greedy"])
     for name, r in greedy_rates.items():
