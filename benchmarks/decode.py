@@ -278,7 +278,7 @@ def smollm2(checkpoint: Path, bandwidth: float) -> list[Row]:
             Row(f"decode: SmolLM2-135M, {name}", extra["median"], "tokens/s", {**base, **extra})
         )
     compiled_fp32 = statistics.median(rates["fp32 --compile"])
-    for side, name in compiled.items():
+    for side in compiled:
         r = rates[side]
         extra = {
             **summary(r), **SAMPLING, "x_fp32": round(statistics.median(r) / fp32_median, 2),
