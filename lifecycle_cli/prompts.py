@@ -8,7 +8,8 @@ template, rendered the way `transformers`' `apply_chat_template` does.
 Which style a checkpoint is prompted with (`resolve_style`, the one rule of generate, chat,
 serve's /predict and chat routes, and the Python API): an explicit name, else the
 `prompt_style.yaml` saved with it (finetune writes it), else its tokenizer's chat template,
-else `plain` (the text exactly as given). So an instruct checkpoint
+else `plain` (the text exactly as given; in a conversation, each message on a line of its own
+and each reply after a space). So an instruct checkpoint
 (one with a chat template or a recorded style) is prompted the way it was trained, and a base
 one gets the raw text; `plain` asks for the raw text on any checkpoint. (Training picks the
 style to teach with the same way, but falls back to alpaca.)
@@ -89,8 +90,15 @@ class PromptStyle:
         return self._render(system, turns, add_generation_prompt)
 
     def _render(self, system: Optional[str], turns: list[Message], gen: bool) -> str:
-        # plain: the contents, one after another; a single prompt is left exactly as given.
-        parts = ([system] if system else []) + [m["content"] for m in turns]
+        # plain: the contents one per line; a single prompt is left exactly as given. A reply
+        # starts with a space: a byte-level BPE without a prefix space gives a word after a
+        # newline other tokens than the same word after a space ("ghi" -> gh|i, " ghi" -> " g"|hi),
+        # so a reply that repeats words of its prompt would first have to learn to respell them.
+        parts = [system] if system else []
+        for m in turns:
+            text = m["content"]
+            spaced = m["role"] == "assistant" and text[:1] != "" and not text[:1].isspace()
+            parts.append(" " + text if spaced else text)
         return "\n".join(parts)
 
     def apply(self, prompt: str, system: Optional[str] = None, **fields: str) -> str:

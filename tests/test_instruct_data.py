@@ -87,7 +87,7 @@ CASES = {
         f"{ALPACA_SYSTEM}\n\n### Instruction:\nWhat is a list?\n\n### Response:\n",
         "A sequence.",
     ),
-    "plain alpaca record": ("plain", ALPACA_NO_INPUT, "Say yes.", "\nyes"),
+    "plain alpaca record": ("plain", ALPACA_NO_INPUT, "Say yes.", "\n yes"),
 }
 
 
@@ -109,6 +109,23 @@ def test_labels_are_masked_exactly_on_the_prompt(tok, case, mask_prompt):
         assert labels == ids[1:]
     assert ds.eval_items() == [(prompt, record.get("output") or chat_answer(record))]
     assert ds.n_truncated == 0
+
+
+def test_plain_replies_spell_words_as_their_prompt_does(tok):
+    """A reply repeating a prompt's words gets the prompt's tokens for them, its first word too
+    (after the newline it would otherwise be spelt without its leading space)."""
+    record = {"instruction": "flip: cat dog", "output": "dog cat"}
+    ds = SFTDataset([record], tok, get_style("plain", tok), 512, seed=None)
+    ids = ds.ids(0).tolist()
+    n_prompt = len(tok.encode("flip: cat dog"))
+    reply = ids[n_prompt:-1]  # the eos dropped
+    newline = tok.encode("\n", bos=False)
+    assert reply[: len(newline)] == newline
+    words = {w: tok.encode(" " + w, bos=False) for w in ("cat", "dog")}
+    assert reply[len(newline) :] == words["dog"] + words["cat"]
+    assert ids[n_prompt - len(words["cat"]) - len(words["dog"]) : n_prompt] == (
+        words["cat"] + words["dog"]
+    )
 
 
 def chat_answer(record) -> str:
@@ -184,7 +201,7 @@ def test_truncation_keeps_the_reply_and_counts(tok):
     ds = SFTDataset([long_prompt, long_reply, fits], tok, style, budget - 1, seed=None)
     assert ds.n_truncated == 2 and ds.n_reply_truncated == 1
     full_prompt = tok.encode(long_prompt["instruction"])
-    reply = tok.encode("\nshort") + [tok.eos_id]
+    reply = tok.encode("\n short") + [tok.eos_id]
     kept = ds.ids(0).tolist()
     assert len(kept) == budget and kept[-len(reply) :] == reply  # the reply whole, eos kept
     assert kept[: -len(reply)] == full_prompt[-(budget - len(reply)) :]  # the prompt's end
@@ -193,7 +210,7 @@ def test_truncation_keeps_the_reply_and_counts(tok):
     kept = ds.ids(1).tolist()
     assert len(kept) == budget and kept[0] == tok.encode("go")[0]  # the whole (short) prompt
     assert kept[-1] != tok.eos_id  # the reply lost its end: counted in n_reply_truncated
-    assert ds.ids(2).tolist() == tok.encode("go") + tok.encode("\nfine") + [tok.eos_id]
+    assert ds.ids(2).tolist() == tok.encode("go") + tok.encode("\n fine") + [tok.eos_id]
     assert ds.get([0, 1, 2])["input_ids"].shape == (3, budget - 1)
 
 

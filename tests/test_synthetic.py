@@ -81,6 +81,7 @@ CHECKS = {
     "max": lambda i, o: int(o) == max(int(d) for d in operands(i, "max").split(" ")),
     "count": check_count,
     "date": check_date,
+    "echo": lambda i, o: o.split(" ") == operands(i, "echo").split(" ") and len(o.split()) == 3,
     "rotate": lambda i, o: (w := letters(i, "rotate", 4, 6)) and o.split(" ") == w[1:] + w[:1],
     "flip": lambda i, o: o.split(" ")[::-1] == operands(i, "flip").split(" ") and " " in o,
     "sub": lambda i, o: (

@@ -2,9 +2,10 @@
 
 Each task writes a short instruction with its operands and an answer. Most put one character
 per "word" ("reverse: c a t" -> "t a c", "add: 1 7 + 2 5" -> "4 2"): a byte-level BPE then gives
-each letter or digit a token of its own (" a", " 7"). Two do not (`date`, `flip`): their words
-are split however the tokenizer merges them, as a user's own text would be. The `input` field of
-the Alpaca records is left empty, so every prompt style renders a task the same way.
+each letter or digit a token of its own (" a", " 7"). Three do not (`date`, `echo`, `flip`):
+their words are split however the tokenizer merges them, as a user's own text would be. The
+`input` field of the Alpaca records is left empty, so every prompt style renders a task the
+same way.
 
 The tasks are split in two. Recipes (`config_hub/finetune/`) are chosen on `TUNING` only;
 `HELD_OUT` (one task of each kind: rearranging characters, rearranging unspaced words,
@@ -121,6 +122,11 @@ def _date(rng: random.Random) -> Example:
     return f"date: {y}-{m:02d}-{d:02d}", "", f"{d} {MONTHS.split()[m - 1]} {y}"
 
 
+def _echo(rng: random.Random) -> Example:
+    words = [_word(rng) for _ in range(3)]
+    return f"echo: {' '.join(words)}", "", " ".join(words)
+
+
 def _rotate(rng: random.Random) -> Example:
     w = _word(rng, 4, 6)
     return f"rotate: {spaced(w)}", "", spaced(w[1:] + w[0])
@@ -183,6 +189,7 @@ TASKS: dict[str, Task] = {
         Task("max", _max, 10**3 + 10**4 + 10**5, "the largest of 3-5 digits"),
         Task("count", _count, 5 * sum(5**k for k in range(5, 9)), "how often a letter occurs"),
         Task("date", _date, 100 * 12 * 28, "an ISO date written out: 5 march 2024 (unspaced)"),
+        Task("echo", _echo, _words(3, 5) ** 3, "three unspaced words repeated"),
         Task("rotate", _rotate, _words(4, 6), "a 4-6 letter word, first letter moved to the end"),
         Task("flip", _flip, _words(3, 5) ** 3, "three unspaced words in reverse order"),
         Task("sub", _sub, 100 * 101 // 2, "the difference of two numbers 0-99, never negative"),
@@ -191,7 +198,7 @@ TASKS: dict[str, Task] = {
 }
 
 TUNING: tuple[str, ...] = (
-    "copy", "reverse", "upper", "sort", "add", "next", "length", "max", "count", "date"
+    "copy", "reverse", "upper", "sort", "add", "next", "length", "max", "count", "date", "echo"
 )  # fmt: skip
 """Tasks recipes may be chosen on."""
 HELD_OUT: tuple[str, ...] = ("rotate", "flip", "sub", "lookup")
