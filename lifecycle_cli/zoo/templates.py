@@ -30,8 +30,9 @@ JINJA = {
     "plain": _SPLIT
     + (
         "{% if system %}{{ system }}{% if turns %}{{ '\\n' }}{% endif %}{% endif %}"
-        "{% for m in turns %}{% if not loop.first %}{{ '\\n' }}{% endif %}{{ m['content'] }}"
-        "{% endfor %}"
+        "{% for m in turns %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+        "{% set c = m['content'] %}{% if m['role'] == 'assistant' and c[:1].strip() %}"
+        "{{ ' ' }}{% endif %}{{ c }}{% endfor %}"
     ),
     "alpaca": _SPLIT
     + (
