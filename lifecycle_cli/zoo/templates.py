@@ -107,7 +107,11 @@ _GO_CHATML = (
     '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}{{- end }}'
 )
 GO = {
-    "plain": "{{- range $i, $_ := .Messages }}{{ if $i }}\n{{ end }}{{ .Content }}{{- end }}",
+    "plain": (
+        "{{- range $i, $_ := .Messages }}{{ if $i }}\n{{ end }}"
+        '{{ if and (eq .Role "assistant") .Content (ne (slice .Content 0 1) " ")'
+        ' (ne (slice .Content 0 1) "\\n") }} {{ end }}{{ .Content }}{{- end }}'
+    ),
     "chatml": _GO_CHATML,
     "qwen": '{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}'
     "<|im_start|>system\n" + QWEN_SYSTEM + "<|im_end|>\n{{ end }}" + _GO_CHATML,
