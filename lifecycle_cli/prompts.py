@@ -97,7 +97,7 @@ class PromptStyle:
         parts = [system] if system else []
         for m in turns:
             text = m["content"]
-            spaced = m["role"] == "assistant" and text[:1] != "" and not text[:1].isspace()
+            spaced = m["role"] == "assistant" and text[:1].strip()  # not empty, no space first
             parts.append(" " + text if spaced else text)
         return "\n".join(parts)
 
