@@ -136,13 +136,19 @@ def _lora_linear() -> type:
             if not self.adapters_on:
                 return y
             ax = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling
-            if self.parts == ((0, self.out_features),):
-                return y + F.linear(ax, self.lora_B)
-            out, done = [], 0  # y's rows, the adapted ones plus their delta (out of place)
-            for (rows, _, b), a_x in zip(self.pieces(), ax.split(self.r, dim=-1)):
-                out += [y[..., done : rows.start], y[..., rows] + F.linear(a_x, b)]
-                done = rows.stop
-            return torch.cat([*out, y[..., done:]], dim=-1)
+            return y + F.linear(ax, self.block_B())
+
+        def block_B(self) -> torch.Tensor:
+            """(out_features, parts x r): each part's B in its output rows and its own r
+            columns, zeros elsewhere. One matmul then adds every part's delta: slicing y into
+            parts and concatenating them back made torch.compile's CPU backward fail on
+            changing sequence lengths (a saved slice's stride fixed at the first length)."""
+            if len(self.parts) == 1 and self.parts[0] == (0, self.out_features):
+                return self.lora_B
+            block = self.lora_B.new_zeros(self.out_features, len(self.parts) * self.r)
+            for p, (rows, _, b) in enumerate(self.pieces()):
+                block[rows, p * self.r : (p + 1) * self.r] = b
+            return block
 
         @torch.no_grad()
         def merged(self) -> nn.Linear:

@@ -26,7 +26,7 @@ from lifecycle_cli.lora import (
     save_lora,
 )
 from lifecycle_cli.model import GPT
-from lifecycle_cli.objectives import next_token_loss
+from lifecycle_cli.objectives import masked_sft_loss, next_token_loss
 from lifecycle_cli.zoo import named_config
 
 FAMILIES = {  # name: what it exercises
@@ -250,3 +250,29 @@ def test_trains_under_ddp():
         dist.destroy_process_group()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads and set(grads) == set(lora_state_dict(model))
+
+
+def test_compiled_training_follows_eager_as_lengths_change():
+    """`--compile` with adapters on q, k and v: finetuning batches change length from step to
+    step, and inductor's CPU backward must keep up (it once fixed a saved activation's stride
+    at the first length and failed on the next)."""
+    model = model_for(tiny("SmolLM2-135M"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inject_lora(model, LoRAArgs(r=4, alpha=8, dropout=0.0, key=True))
+    compiled = torch.compile(model)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    for p in adapters:  # B too: every adapter's gradient then flows
+        torch.nn.init.normal_(p, std=0.1)
+    for batch, length in [(4, 17), (2, 12), (4, 23)]:
+        ids = torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(3))
+        labels = ids.clone()
+        labels[:, : length // 2] = -100  # the head on reply positions only, as finetune runs it
+        results = []
+        for m in (model, compiled):
+            loss = masked_sft_loss(m, {"input_ids": ids, "labels": labels})
+            results.append((loss, torch.autograd.grad(loss, adapters)))
+        (loss, grads), (compiled_loss, compiled_grads) = results
+        torch.testing.assert_close(compiled_loss, loss)
+        for g, compiled_g in zip(grads, compiled_grads):
+            torch.testing.assert_close(compiled_g, g, atol=1e-5, rtol=1e-4)
