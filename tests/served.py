@@ -59,12 +59,13 @@ def tiny_checkpoint(
 
 
 def llmcycle(
-    *args, input: Optional[str] = None, timeout: float = 120
+    *args, input: Optional[str] = None, timeout: float = 120, env: Optional[dict] = None
 ) -> subprocess.CompletedProcess:
-    """`python -m lifecycle_cli <args>`: its exit code, stdout and stderr."""
+    """`python -m lifecycle_cli <args>`: its exit code, stdout and stderr; `env` adds to the
+    environment."""
     return subprocess.run(
-        [sys.executable, "-m", "lifecycle_cli", *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, input=input,
+        [sys.executable, "-m", "lifecycle_cli", *map(str, args)], cwd=REPO, capture_output=True,
+        text=True, timeout=timeout, input=input, env=os.environ | (env or {}),
     )  # fmt: skip
 
 

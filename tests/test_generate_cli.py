@@ -89,3 +89,15 @@ def test_a_bad_precision_or_device_is_one_line_exit_2(checkpoint, flags, words):
     assert_one_line_exit_2(greedy("generate", checkpoint, *flags), *words)
     if flags[0] == "--precision":  # chat reads the same flags the same way
         assert_one_line_exit_2(greedy("chat", checkpoint, *flags), *words)
+
+
+@pytest.mark.parametrize("verb", ["generate", "finetune"])
+def test_compile_without_a_cpp_compiler_is_one_line(checkpoint, tmp_path, verb):
+    """On a CPU, torch.compile builds C++: with no compiler to be found ($CXX names none), the
+    verb says so in one line (training: before its first step, writing nothing)."""
+    out = tmp_path / "run"
+    flags = {"generate": ["--prompt", PROMPT],
+             "finetune": ["--data.synthetic", "reverse", "--out_dir", out]}[verb]  # fmt: skip
+    proc = llmcycle(verb, checkpoint, *flags, "--compile", "true", env={"CXX": "no-such-c++"})
+    assert_one_line_exit_2(proc, "--compile", "C++ compiler")
+    assert not out.exists()

@@ -152,6 +152,7 @@ def run_session(
     if run.fp8:
         model = to_float8(model)
     if run.compile:
+        require_compiler(fabric.device)
         model = torch.compile(model)
     model = fabric.setup(model)
     fused = not is_sharded(fabric) and fabric.device.type in ("cpu", "cuda")
@@ -218,3 +219,20 @@ def to_yaml(value):
     if isinstance(value, dict):  # e.g. --data.mix: name -> {path, weight}
         return {k: to_yaml(v) for k, v in value.items()}
     return value
+
+
+def require_compiler(device: torch.device) -> None:
+    """One clear error before a training run's first step where torch.compile cannot build
+    its CPU kernels (without it: inductor's traceback in the middle of that step; decoding
+    catches its own first compiled step instead). GPUs build through Triton."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise UserError(
+            "--compile on a CPU needs a C++ compiler (g++ or clang++, or one named by $CXX) and "
+            "none was found: install one (e.g. apt install g++) or drop --compile"
+        ) from None
