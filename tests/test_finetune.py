@@ -420,6 +420,37 @@ def test_early_stopping_keeps_the_best_step_and_resumes(method, base, tmp_path, 
     assert max(steps) == 10
 
 
+@pytest.mark.parametrize(
+    "metric, values, best, stop",
+    [  # a loss creeping down by less than 0.01 an evaluation, then an exact match that does
+        ("val_loss", [1.0, 0.5, 0.495, 0.492, 0.489], 1, 3),
+        ("exact_match", [0.0, 0.5, 0.505, 0.52, 0.52, 0.525], 3, 5),
+    ],
+)
+def test_min_delta_counts_only_improvements_larger_than_it(tmp_path, metric, values, best, stop):
+    from lifecycle_cli.errors import UserError
+    from lifecycle_cli.train.early_stopping import EarlyStopping
+    from lifecycle_cli.train.state import Progress
+
+    rule = EarlyStopping.of(metric, 2, ("exact_match",), tmp_path, min_delta=0.01)
+    progress = Progress()
+    for step, value in enumerate(values):
+        progress.step = step
+        rule.update(progress, {metric: value})
+        if rule.exhausted(progress):
+            break
+    assert (progress.best_step, progress.step) == (best, stop)
+    # without it every small gain is a new best and the run goes on
+    plain = EarlyStopping.of(metric, 2, ("exact_match",), tmp_path)
+    progress = Progress()
+    for step, value in enumerate(values):
+        progress.step = step
+        plain.update(progress, {metric: value})
+        assert not plain.exhausted(progress)
+    with pytest.raises(UserError, match="--train.min_delta must be 0 or more, got -0.1"):
+        EarlyStopping.of(metric, 2, ("exact_match",), tmp_path, min_delta=-0.1)
+
+
 def test_early_stopping_names_a_metric_the_run_measures(base, tmp_path):
     from lifecycle_cli.commands.finetune import finetune
     from lifecycle_cli.errors import UserError

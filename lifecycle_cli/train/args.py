@@ -51,6 +51,10 @@ class TrainArgs:
     not improved for `patience` evaluations; final/ is then the best evaluation's model."""
     patience: int = 3
     """Evaluations without improvement before --train.early_stopping stops the run."""
+    min_delta: float = 0.0
+    """How much --train.early_stopping's figure must beat the best by to count as an
+    improvement (a new best model and a fresh patience): a validation loss that only creeps
+    down by less than that then stops the run."""
     spike_rollback: Optional[int] = None
     """After this many consecutive steps whose loss exceeds spike_factor x its running mean,
     reload the newest step folder saved before them and skip their batches (None: never)."""

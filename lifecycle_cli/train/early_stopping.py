@@ -2,7 +2,9 @@
 figure has not improved for N evaluations in a row, and hand over the best evaluation's model.
 
 The figure is `val_loss` (lower is better) or one the task measures (`exact_match`, `accuracy`:
-higher is better). Ties are no improvement, so the earliest of equal evaluations is kept. Each
+higher is better). Ties are no improvement, so the earliest of equal evaluations is kept; with
+`--train.min_delta D` an evaluation must beat the best by more than D to count (as in Lightning's
+and Keras' early stopping), so the kept model is the first within D of the best seen. Each
 new best is written to `out_dir/best/` (a step folder, sharded under FSDP like any other);
 when training ends (stopped early or at its last step) the model is set back to it, so final/
 (LoRA adapters merged, a class head...) is the best evaluation's model. The best value, its
@@ -28,13 +30,19 @@ class EarlyStopping:
     metric: str
     patience: int
     folder: Path  # out_dir/best
+    min_delta: float = 0.0
 
     @classmethod
     def of(
-        cls, metric: Optional[str], patience: int, extra_metrics: tuple[str, ...], out_dir: Path
+        cls,
+        metric: Optional[str],
+        patience: int,
+        extra_metrics: tuple[str, ...],
+        out_dir: Path,
+        min_delta: float = 0.0,
     ) -> Optional[EarlyStopping]:
         """The tracker for --train.early_stopping (None when it is off); a metric the task
-        does not measure, or a patience below 1, is a UserError."""
+        does not measure, a patience below 1 or a negative min_delta is a UserError."""
         if metric is None:
             return None
         known = ("val_loss", *extra_metrics)
@@ -44,14 +52,18 @@ class EarlyStopping:
             )
         if patience < 1:
             raise UserError(f"--train.patience must be at least 1, got {patience}")
-        return cls(metric, patience, out_dir / BEST_DIR)
+        if not min_delta >= 0:
+            raise UserError(f"--train.min_delta must be 0 or more, got {min_delta}")
+        return cls(metric, patience, out_dir / BEST_DIR, min_delta)
 
     def improves(self, value: float, best: Optional[float]) -> bool:
         if math.isnan(value):
             return False
         if best is None:
             return True
-        return value < best if self.metric in LOWER_IS_BETTER else value > best
+        if self.metric in LOWER_IS_BETTER:
+            return value < best - self.min_delta
+        return value > best + self.min_delta
 
     def update(self, progress, figures: dict[str, float]) -> bool:
         """Record an evaluation in `progress`; whether it is a new best (to be saved)."""

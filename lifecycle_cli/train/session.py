@@ -116,7 +116,9 @@ def run_session(
     if run.activation_checkpointing and run.strategy != "fsdp":
         raise UserError("--activation_checkpointing applies to --strategy fsdp")
     check_logger(run.logger)
-    rule = EarlyStopping.of(train.early_stopping, train.patience, task.extra_metrics, out_dir)
+    rule = EarlyStopping.of(
+        train.early_stopping, train.patience, task.extra_metrics, out_dir, train.min_delta
+    )
     tasks = None
     if eval.tasks is not None:  # a bad task list or file is refused before anything starts
         from lifecycle_cli.evaluate.during_training import TrainingTasks
